@@ -1,0 +1,78 @@
+"""vmsynth base add | list | rm: the local cache of base images."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+from rich.table import Table
+
+from vmsynth import bases
+
+from . import console
+from .options import json_option
+
+
+@click.group("base", epilog="""\b
+Examples:
+  vmsynth base add ubuntu.qcow2 --name ubuntu-22.04 --version 2.3.1
+  vmsynth base list
+  vmsynth base rm ubuntu-22.04@2.3.1""")
+def group() -> None:
+    """Manage the base cache ($VMSYNTH_HOME, default ~/.cache/vmsynth).
+
+    The cache records each base's identity (name, version, virtual size, SHA-256 of its
+    contents), computed once; the image itself stays where it is and must not change.
+    """
+
+
+@group.command("add")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--name", required=True, help="Base name, e.g. ubuntu-22.04.")
+@click.option("--version", "version", required=True, help="Base version, e.g. 2.3.1.")
+@json_option
+def add(image: str, name: str, version: str, as_json: bool) -> None:
+    """Add IMAGE (a standalone qcow2) to the cache as NAME@VERSION."""
+    from pathlib import Path
+
+    with console.progress("scanning base", 1, enabled=not as_json) as update:
+        base = bases.add(Path(image), name, version, update)
+    base.close()
+    if as_json:
+        console.emit_json(dataclasses.asdict(base.identity) | {"path": str(base.path)})
+        return
+    console.err.print(f"added {base.identity.label}: {console.human(base.identity.virtual_size)}, "
+                      f"{base.identity.digest}")
+
+
+@group.command("list")
+@json_option
+def list_(as_json: bool) -> None:
+    """List the cached bases."""
+    found = bases.entries()
+    if as_json:
+        console.emit_json(found)
+        return
+    if not found:
+        console.err.print(f"no bases in {bases.home()} (add one with `vmsynth base add`)")
+        return
+    table = Table("base", "virtual size", "digest", "image")
+    for e in found:
+        table.add_row(f"{e['name']}@{e['version']}", console.human(int(e["virtual_size"])),
+                      str(e["digest"])[:23] + "...", str(e["path"]))
+    console.out.print(table)
+
+
+@group.command("rm")
+@click.argument("spec", metavar="NAME@VERSION")
+@json_option
+def rm(spec: str, as_json: bool) -> None:
+    """Forget a cached base (its image file is left alone)."""
+    name, sep, version = spec.partition("@")
+    if not sep:
+        raise click.BadParameter("give the base as NAME@VERSION", param_hint="NAME@VERSION")
+    bases.remove(name, version)
+    if as_json:
+        console.emit_json({"removed": spec})
+    else:
+        console.err.print(f"removed {spec} from the cache")

@@ -1,0 +1,59 @@
+"""vmsynth inspect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from vmsynth.errors import BadInputError
+from vmsynth.verify import describe
+
+from . import console
+from .options import json_option
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+@click.command("inspect", epilog="""\b
+Examples:
+  vmsynth inspect app.vmo
+  vmsynth inspect app.vmo --json | jq .sizes.overlay""")
+@click.argument("overlay", type=click.Path(dir_okay=False))
+@json_option
+def command(overlay: str, as_json: bool) -> None:
+    """Show what an overlay holds: version, base, sizes, block kinds, transfer times.
+
+    Reads only the header and the index at the end of the file (use `verify` to check
+    every digest).
+    """
+    if not Path(overlay).exists():
+        raise BadInputError(f"{overlay}: no such file")
+    info = describe(Path(overlay))
+    if as_json:
+        console.emit_json(info)
+        return
+    sizes, blocks, base = info["sizes"], info["blocks"], info["base"]
+    table = Table(title=f"{overlay} (format {info['format_version']})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    label = f"{base.get('name')}@{base.get('version')}" if base.get("version") else base.get("name")
+    table.add_row("base", f"{label}, {console.human(base.get('virtual_size', 0))}")
+    table.add_row("base digest", str(base.get("digest")))
+    table.add_row("virtual disk", console.human(sizes["virtual_disk"]))
+    table.add_row("overlay", f"{console.human(sizes['overlay'])} ({sizes['overlay']:,} bytes)")
+    table.add_row("payload", f"{console.human(sizes['payload_uncompressed'])} uncompressed, "
+                  f"{console.human(sizes['payload_stored'])} stored "
+                  f"(ratio {info['compression_ratio']})")
+    table.add_row("blocks (4 KiB)", f"{blocks.get('data', 0)} new, {blocks.get('delta', 0)} delta, "
+                  f"{blocks.get('copy', 0)} deduped, {blocks.get('base', 0)} from base, "
+                  f"{blocks.get('zero', 0)} zero")
+    table.add_row("frames", str(info["frames"]))
+    ov, full = info["transfer_seconds"]["overlay"], info["transfer_seconds"]["full_disk"]
+    for link in ov:
+        table.add_row(f"transfer at {link.replace('Mbps', ' Mbps')}",
+                      f"{_seconds(ov[link])} (full disk: {_seconds(full[link])})")
+    console.out.print(table)

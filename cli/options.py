@@ -1,0 +1,53 @@
+"""Options and arguments shared by several commands."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import click
+
+from vmsynth import bases
+from vmsynth.bases import Base
+from vmsynth.errors import BadInputError
+
+from . import console
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print a JSON document on stdout instead of text.")
+base_option = click.option("--base", "base_spec", metavar="BASE", required=True,
+                           help="The base image: NAME@VERSION from the base cache, or a path.")
+
+
+@contextlib.contextmanager
+def open_base(spec: str, as_json: bool) -> Iterator[Base]:
+    """Resolve --base; the first use of a base image reads it once (with a progress bar)."""
+    with console.progress("scanning base", 1, enabled=not as_json) as update:
+        base = bases.resolve(spec, progress=update)
+    try:
+        yield base
+    finally:
+        base.close()
+
+
+@contextlib.contextmanager
+def open_input(path: str) -> Iterator[BinaryIO]:
+    """An overlay to read: a path, or - for standard input."""
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        f = open(Path(path), "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such file") from None
+    except OSError as err:
+        raise BadInputError(f"{path}: cannot read: {err.strerror}") from None
+    with f:
+        yield f
+
+
+def file_size(path: str) -> int:
+    return Path(path).stat().st_size if path != "-" else 0

@@ -1,0 +1,59 @@
+"""vmsynth verify."""
+
+from __future__ import annotations
+
+import contextlib
+
+import click
+
+from vmsynth.verify import verify
+
+from . import console
+from .options import file_size, json_option, open_base, open_input
+
+
+@click.command("verify", epilog="""\b
+Examples:
+  vmsynth verify app.vmo
+  vmsynth verify app.vmo --base ubuntu-22.04@2.3.1 --max-size 250M --json
+
+\b
+Exit codes: 0 ok, 10 base mismatch, 11 over budget, 12 unsupported format
+version, 13 corrupt or truncated, 16 missing file, 2 usage error.""")
+@click.argument("overlay")
+@click.option("--base", "base_spec", metavar="BASE",
+              help="Also check the overlay fits this base and rebuilds to the recorded digest.")
+@click.option("--max-size", type=console.SizeParam(), default=None,
+              help="Fail (exit 11) if the overlay is larger than this, e.g. 250M.")
+@json_option
+def command(overlay: str, base_spec: str | None, max_size: int | None, as_json: bool) -> None:
+    """Check an overlay: structure and every digest; optionally its base and a size budget.
+
+    This is the step a CI pipeline gates on: each failure has its own exit code.
+    """
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(open_base(base_spec, as_json)) if base_spec else None
+        source = stack.enter_context(open_input(overlay))
+        total = file_size(overlay)
+        done = 0
+        update = stack.enter_context(console.progress("verifying", total, not as_json))
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            update(done, max(total, done))
+
+        report = verify(source, base, max_size, advance)
+    checks = {"structure": "ok", "digests": "ok",
+              "base": "ok" if report.base_checked else "skipped (no --base)",
+              "budget": "ok" if max_size is not None else "skipped (no --max-size)"}
+    if as_json:
+        console.emit_json({"ok": True, "overlay": overlay, "overlay_bytes": report.overlay_bytes,
+                           "max_size": max_size, "checks": checks,
+                           "frames": report.replay.frames, "records": report.replay.records,
+                           "result_digest": report.replay.result_digest})
+        return
+    budget = f" (budget {console.human(max_size)})" if max_size is not None else ""
+    console.out.print(f"{overlay}: ok, {console.human(report.overlay_bytes)}{budget}, "
+                      f"{report.replay.frames} frames; " +
+                      ", ".join(f"{k} {v}" for k, v in checks.items()))

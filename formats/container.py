@@ -1,0 +1,274 @@
+"""The overlay container: header, frames, summary, index, trailer (SPEC.md sections 2-6).
+
+`OverlayWriter` writes front to back, so it can write to a pipe. `read_overlay` reads front to
+back too (streaming apply) and checks, at the end, that the index and trailer agree with the
+frames it saw. `read_footer` reads only the end of a seekable file (inspect, on-demand fetch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from vmsynth.errors import CorruptOverlayError, UnsupportedFormatError
+
+from .frames import EncodedFrame, FrameHead, parse_frame_head
+from .layout import (
+    DIGEST_SIZE,
+    FRAME,
+    FRAME_TAG,
+    HEADER,
+    INDEX_ENTRY,
+    INDEX_TAG,
+    KNOWN_INCOMPAT,
+    MAGIC,
+    MAJOR,
+    MAX_HEADER,
+    MAX_SUMMARY,
+    MINOR,
+    SECTION,
+    SUMMARY_TAG,
+    TRAILER,
+    TRAILER_MAGIC,
+)
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one JSON encoding used inside overlays: same value, same bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+@dataclass(frozen=True)
+class Header:
+    major: int
+    minor: int
+    incompat: int
+    compat: int
+    manifest: dict[str, Any]
+    length: int
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    offset: int
+    stored_length: int
+    raw_length: int
+    record_count: int
+    stream: int
+    codec: int
+    target_start: int
+    target_end: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Footer:
+    summary: dict[str, Any]
+    index: list[IndexEntry]
+    summary_offset: int
+    file_length: int
+
+
+class OverlayWriter:
+    """Writes one overlay to a binary stream, front to back, never seeking."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._offset = 0
+        self._index: list[IndexEntry] = []
+
+    @property
+    def bytes_written(self) -> int:
+        return self._offset
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+        self._offset += len(data)
+
+    def write_header(self, manifest: dict[str, Any], incompat: int = 0, compat: int = 0) -> None:
+        body = canonical_json(manifest)
+        length = HEADER.size + len(body) + DIGEST_SIZE
+        head = HEADER.pack(MAGIC, MAJOR, MINOR, length, incompat, compat, len(body), 0) + body
+        self._write(head + hashlib.sha256(head).digest())
+
+    def write_frame(self, frame: EncodedFrame) -> None:
+        h = frame.head
+        self._index.append(IndexEntry(self._offset, h.stored_length, h.raw_length, h.record_count,
+                                      h.stream, h.codec, frame.target_start, frame.target_end,
+                                      h.digest))
+        self._write(frame.blob)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        body = canonical_json(summary)
+        summary_offset = self._offset
+        tail = bytearray(SECTION.pack(SUMMARY_TAG, len(body)) + body)
+        index_offset = summary_offset + len(tail)
+        tail += SECTION.pack(INDEX_TAG, len(self._index))
+        for e in self._index:
+            tail += INDEX_ENTRY.pack(e.offset, e.stored_length, e.raw_length, e.record_count,
+                                     e.stream, e.codec, 0, e.target_start, e.target_end, e.digest)
+        file_length = summary_offset + len(tail) + TRAILER.size
+        prefix = TRAILER.pack(TRAILER_MAGIC, summary_offset, index_offset, file_length,
+                              bytes(DIGEST_SIZE))[:-DIGEST_SIZE]
+        digest = hashlib.sha256(bytes(tail) + prefix).digest()
+        self._write(bytes(tail) + prefix + digest)
+
+
+def _read_exact(stream: BinaryIO, n: int, offset: int, what: str) -> bytes:
+    chunks = []
+    need = n
+    while need:
+        chunk = stream.read(need)
+        if not chunk:
+            raise CorruptOverlayError(f"overlay is truncated: {what} at byte {offset} is cut short",
+                                      hint="the file was not completely copied; fetch it again")
+        chunks.append(chunk)
+        need -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_header(stream: BinaryIO) -> Header:
+    first = stream.read(HEADER.size)
+    if len(first) < len(MAGIC) or first[: len(MAGIC)] != MAGIC:
+        raise CorruptOverlayError("not a vmsynth overlay (bad magic)",
+                                  hint="check the file name; overlays are made by `vmsynth create`")
+    if len(first) < HEADER.size:
+        raise CorruptOverlayError("overlay is truncated inside its header")
+    _, major, minor, length, incompat, compat, manifest_len, _ = HEADER.unpack(first)
+    if major != MAJOR:
+        raise UnsupportedFormatError(
+            f"overlay format version {major}.{minor} is not supported (this vmsynth reads {MAJOR}.x)",
+            hint="upgrade vmsynth" if major > MAJOR else None)
+    if not HEADER.size + DIGEST_SIZE <= length <= MAX_HEADER or \
+            manifest_len != length - HEADER.size - DIGEST_SIZE:
+        raise CorruptOverlayError(f"overlay header declares an impossible length {length}")
+    rest = _read_exact(stream, length - HEADER.size, HEADER.size, "the header")
+    body, digest = rest[:-DIGEST_SIZE], rest[-DIGEST_SIZE:]
+    if hashlib.sha256(first + body).digest() != digest:
+        raise CorruptOverlayError("overlay header digest mismatch (the header is damaged)")
+    unknown = incompat & ~KNOWN_INCOMPAT
+    if unknown:
+        raise UnsupportedFormatError(f"overlay needs features this vmsynth lacks (bits {unknown:#x})",
+                                     hint="upgrade vmsynth")
+    try:
+        manifest = json.loads(body)
+    except ValueError as err:
+        raise CorruptOverlayError(f"overlay manifest is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict):
+        raise CorruptOverlayError("overlay manifest is not a JSON object")
+    return Header(major, minor, incompat, compat, manifest, length)
+
+
+def _parse_footer(tail: bytes, summary_offset: int, file_length: int) -> Footer:
+    """Parse summary + index + trailer bytes (`tail` runs from the summary to EOF)."""
+    body, trailer = tail[: -TRAILER.size], tail[-TRAILER.size:]
+    magic, s_off, i_off, length, digest = TRAILER.unpack(trailer)
+    if magic != TRAILER_MAGIC:
+        raise CorruptOverlayError("overlay trailer is missing or damaged (truncated file?)")
+    if (s_off, length) != (summary_offset, file_length):
+        raise CorruptOverlayError("overlay trailer disagrees with the file's layout")
+    if hashlib.sha256(body + trailer[:-DIGEST_SIZE]).digest() != digest:
+        raise CorruptOverlayError("overlay summary/index digest mismatch (the end is damaged)")
+    tag, summary_len = SECTION.unpack_from(body, 0)
+    if tag != SUMMARY_TAG or SECTION.size + summary_len > len(body) or \
+            i_off != s_off + SECTION.size + summary_len:
+        raise CorruptOverlayError("overlay summary section is malformed")
+    try:
+        summary = json.loads(body[SECTION.size: SECTION.size + summary_len])
+    except ValueError as err:
+        raise CorruptOverlayError(f"overlay summary is not valid JSON: {err}") from err
+    pos = SECTION.size + summary_len
+    tag, count = SECTION.unpack_from(body, pos)
+    pos += SECTION.size
+    if tag != INDEX_TAG or pos + count * INDEX_ENTRY.size != len(body):
+        raise CorruptOverlayError("overlay index section is malformed")
+    index = []
+    for off, stored, raw, recs, stream, codec, _, start, end, dg in INDEX_ENTRY.iter_unpack(
+            body[pos:]):
+        index.append(IndexEntry(off, stored, raw, recs, stream, codec, start, end, dg))
+    return Footer(summary, index, summary_offset, file_length)
+
+
+def read_footer(f: BinaryIO) -> Footer:
+    """Read summary and index from the end of a seekable overlay, without reading frames."""
+    size = f.seek(0, 2)
+    if size < TRAILER.size:
+        raise CorruptOverlayError("overlay is truncated (no trailer)")
+    f.seek(size - TRAILER.size)
+    magic, s_off, _, length, _ = TRAILER.unpack(f.read(TRAILER.size))
+    if magic != TRAILER_MAGIC or length != size:
+        raise CorruptOverlayError("overlay is truncated or has trailing bytes (trailer not found)",
+                                  hint="the file was not completely copied; fetch it again")
+    if not 0 < s_off < size - TRAILER.size or size - s_off > MAX_SUMMARY + (64 << 20):
+        raise CorruptOverlayError("overlay trailer points outside the file")
+    f.seek(s_off)
+    return _parse_footer(f.read(size - s_off), s_off, size)
+
+
+@dataclass
+class FrameRead:
+    head: FrameHead
+    stored: bytes
+    offset: int
+
+
+@dataclass
+class OverlayStream:
+    """Reads an overlay front to back: `header`, then `frames()`, then `footer` is set."""
+
+    stream: BinaryIO
+    header: Header = field(init=False)
+    footer: Footer | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.header = parse_header(self.stream)
+        self._offset = self.header.length
+
+    def frames(self) -> Iterator[FrameRead]:
+        seen: list[tuple[int, FrameHead]] = []
+        while True:
+            tag = _read_exact(self.stream, 4, self._offset, "a section tag")
+            if tag == FRAME_TAG:
+                rest = _read_exact(self.stream, FRAME.size - 4 + DIGEST_SIZE, self._offset,
+                                   "a frame header")
+                head = parse_frame_head(tag + rest[: FRAME.size - 4], rest[FRAME.size - 4:])
+                if head.seq != len(seen):
+                    raise CorruptOverlayError(f"frame {len(seen)} is out of order "
+                                              f"(found frame {head.seq})")
+                offset = self._offset
+                stored = _read_exact(self.stream, head.stored_length, offset, f"frame {head.seq}")
+                self._offset += FRAME.size + DIGEST_SIZE + head.stored_length
+                seen.append((offset, head))
+                yield FrameRead(head, stored, offset)
+            elif tag == SUMMARY_TAG:
+                self.footer = self._read_tail(tag, seen)
+                return
+            else:
+                raise CorruptOverlayError(f"unexpected bytes at offset {self._offset} "
+                                          f"(tag {tag!r}): the overlay is damaged")
+
+    def _read_tail(self, tag: bytes, seen: list[tuple[int, FrameHead]]) -> Footer:
+        start = self._offset
+        (summary_len,) = SECTION.unpack(tag + _read_exact(self.stream, 4, start, "summary"))[1:]
+        if summary_len > MAX_SUMMARY:
+            raise CorruptOverlayError("overlay summary declares an impossible size")
+        summary = _read_exact(self.stream, summary_len, start, "the summary")
+        index_head = _read_exact(self.stream, SECTION.size, start, "the index")
+        itag, count = SECTION.unpack(index_head)
+        if itag != INDEX_TAG or count != len(seen):
+            raise CorruptOverlayError(f"overlay index lists {count} frames, the file holds "
+                                      f"{len(seen)}")
+        entries = _read_exact(self.stream, count * INDEX_ENTRY.size, start, "the index")
+        trailer = _read_exact(self.stream, TRAILER.size, start, "the trailer")
+        if self.stream.read(1):
+            raise CorruptOverlayError("overlay has unexpected bytes after its trailer")
+        tail = SECTION.pack(tag, summary_len) + summary + index_head + entries + trailer
+        footer = _parse_footer(tail, start, start + len(tail))
+        for entry, (offset, head) in zip(footer.index, seen, strict=True):
+            if (entry.offset, entry.digest, entry.stored_length) != \
+                    (offset, head.digest, head.stored_length):
+                raise CorruptOverlayError(f"overlay index disagrees with frame {head.seq}")
+        return footer

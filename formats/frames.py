@@ -1,0 +1,132 @@
+"""Encode and decode frames: a record table plus the data those records carry.
+
+A frame is self-contained: it can be decoded without any other frame, which is what lets
+apply stream front to back and lets a reader fetch one frame through the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import zstandard
+
+from vmsynth.errors import CorruptOverlayError, UnsupportedFormatError
+
+from .layout import (
+    FRAME,
+    FRAME_TAG,
+    KNOWN_FRAME_FLAGS,
+    MAX_FRAME_RAW,
+    MAX_FRAME_RECORDS,
+    RECORD,
+    Codec,
+    Kind,
+    Stream,
+)
+
+
+class Record(NamedTuple):
+    kind: Kind
+    target: int
+    length: int
+    source: int = 0
+    stored: int = 0  # bytes this record takes from the frame's data area
+
+
+@dataclass(frozen=True)
+class FrameHead:
+    stream: int
+    codec: int
+    flags: int
+    seq: int
+    record_count: int
+    stored_length: int
+    raw_length: int
+    digest: bytes
+
+    @property
+    def packed(self) -> bytes:
+        return FRAME.pack(FRAME_TAG, self.stream, self.codec, self.flags, self.seq,
+                          self.record_count, self.stored_length, self.raw_length)
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    head: FrameHead
+    blob: bytes  # frame header + digest + stored payload, ready to write
+    target_start: int
+    target_end: int
+
+
+def encode_frame(seq: int, stream: Stream, records: Sequence[Record], data: Sequence[bytes],
+                 compressor: zstandard.ZstdCompressor | None) -> EncodedFrame:
+    """Pack records and their data; compress unless that does not make it smaller."""
+    table = b"".join(RECORD.pack(r.kind, r.stored, r.target, r.length, r.source) for r in records)
+    raw = table + b"".join(data)
+    codec, stored = Codec.STORED, raw
+    if compressor is not None:
+        packed = compressor.compress(raw)
+        if len(packed) < len(raw):
+            codec, stored = Codec.ZSTD, packed
+    head_bytes = FRAME.pack(FRAME_TAG, stream, codec, 0, seq, len(records), len(stored), len(raw))
+    digest = hashlib.sha256(head_bytes + stored).digest()
+    head = FrameHead(stream, codec, 0, seq, len(records), len(stored), len(raw), digest)
+    start = records[0].target if records else 0
+    end = records[-1].target + records[-1].length if records else 0
+    return EncodedFrame(head, head_bytes + digest + stored, start, end)
+
+
+def parse_frame_head(head_bytes: bytes, digest: bytes) -> FrameHead:
+    """Check a frame header's declared sizes before anything is allocated for it."""
+    tag, stream, codec, flags, seq, count, stored, raw = FRAME.unpack(head_bytes)
+    if tag != FRAME_TAG:
+        raise CorruptOverlayError(f"bad frame tag {tag!r}")
+    if flags & ~KNOWN_FRAME_FLAGS:
+        raise UnsupportedFormatError(f"frame {seq} uses unknown flags {flags:#x}",
+                                     hint="upgrade vmsynth to read this overlay")
+    if stream not in Stream.__members__.values():
+        raise UnsupportedFormatError(f"frame {seq} belongs to unknown stream {stream}")
+    if codec not in Codec.__members__.values():
+        raise UnsupportedFormatError(f"frame {seq} uses unknown codec {codec}")
+    if raw > MAX_FRAME_RAW or count > MAX_FRAME_RECORDS or count * RECORD.size > raw:
+        raise CorruptOverlayError(f"frame {seq} declares impossible sizes "
+                                  f"(raw {raw}, records {count})")
+    if codec == Codec.STORED and stored != raw:
+        raise CorruptOverlayError(f"frame {seq}: stored size {stored} != raw size {raw}")
+    if stored > raw + (raw >> 7) + 1024:  # more than zstd's worst-case expansion
+        raise CorruptOverlayError(f"frame {seq} declares a stored size larger than possible")
+    return FrameHead(stream, codec, flags, seq, count, stored, raw, digest)
+
+
+def decode_payload(head: FrameHead, stored: bytes) -> tuple[list[Record], memoryview]:
+    """Verify the digest, decompress, and split into records and their data area."""
+    if hashlib.sha256(head.packed + stored).digest() != head.digest:
+        raise CorruptOverlayError(f"frame {head.seq}: digest mismatch (the overlay is damaged)")
+    if head.codec == Codec.ZSTD:
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=head.raw_length)
+        except zstandard.ZstdError as err:
+            raise CorruptOverlayError(f"frame {head.seq}: cannot decompress: {err}") from err
+    else:
+        raw = stored
+    if len(raw) != head.raw_length:
+        raise CorruptOverlayError(f"frame {head.seq}: decompressed to {len(raw)} bytes, "
+                                  f"expected {head.raw_length}")
+    view = memoryview(raw)
+    table_size = head.record_count * RECORD.size
+    records = []
+    data_total = 0
+    for kind, stored_len, target, length, source in RECORD.iter_unpack(view[:table_size]):
+        try:
+            kind = Kind(kind)
+        except ValueError:
+            raise UnsupportedFormatError(f"frame {head.seq}: unknown record kind {kind}") from None
+        records.append(Record(kind, target, length, source, stored_len))
+        data_total += stored_len
+    if data_total != head.raw_length - table_size:
+        raise CorruptOverlayError(f"frame {head.seq}: records claim {data_total} data bytes, "
+                                  f"frame holds {head.raw_length - table_size}")
+    return records, view[table_size:]

@@ -1,0 +1,73 @@
+"""Byte layout of a vmsynth overlay, version 1. SPEC.md is the normative text; this mirrors it.
+
+All integers are little-endian. Digests are SHA-256.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum, IntFlag
+
+MAGIC = b"\x89VSO\r\n\x1a\n"  # like PNG's: catches text-mode and 7-bit transfers
+MAJOR = 1
+MINOR = 0
+DIGEST_SIZE = 32
+
+# Header: magic, major, minor, header_length, incompat, compat, manifest_length, reserved;
+# then the manifest (canonical JSON) and the SHA-256 of everything before it.
+HEADER = struct.Struct("<8sHHIQQII")
+MAX_HEADER = 1 << 20
+
+# Frame header; its digest covers these 24 bytes and the stored payload.
+FRAME_TAG = b"FRAM"
+FRAME = struct.Struct("<4sBBHIIII")
+FRAME_HEAD_SIZE = FRAME.size + DIGEST_SIZE
+MAX_FRAME_RAW = 32 << 20  # a reader refuses larger frames before allocating anything
+MAX_FRAME_RECORDS = 1 << 20
+
+# Record, 32 bytes: kind, 3 reserved, stored, target, length, source.
+RECORD = struct.Struct("<B3xIQQQ")
+
+SUMMARY_TAG = b"SUMM"
+SECTION = struct.Struct("<4sI")  # tag, length (summary) or count (index)
+MAX_SUMMARY = 1 << 20
+INDEX_TAG = b"INDX"
+# Index entry: frame offset, stored, raw, records, stream, codec, reserved, target range, digest.
+INDEX_ENTRY = struct.Struct("<QIIIBBHQQ32s")
+
+TRAILER_MAGIC = b"VSO-END\x00"
+TRAILER = struct.Struct("<8sQQQ32s")  # magic, summary offset, index offset, file length, digest
+
+
+class Stream(IntEnum):
+    DISK = 0
+    MEMORY = 1  # reserved for memory snapshots
+
+
+class Codec(IntEnum):
+    STORED = 0
+    ZSTD = 1
+
+
+class Kind(IntEnum):
+    DATA = 1  # `length` bytes from the frame's data area
+    ZERO = 2  # `length` zero bytes
+    BASE = 3  # `length` bytes of the base, from offset `source`
+    COPY = 4  # `length` bytes of the result, from offset `source` (< target)
+    DELTA = 5  # zstd frame decoded with base[source:source+length] as raw-content dictionary
+
+
+class Incompat(IntFlag):
+    """Features a reader must understand to read the file; unknown bits: refuse."""
+
+    NONE = 0
+
+
+class Compat(IntFlag):
+    """Features a reader may ignore."""
+
+    NONE = 0
+
+
+KNOWN_INCOMPAT = Incompat.NONE
+KNOWN_FRAME_FLAGS = 0

@@ -1,0 +1,272 @@
+"""Create: diff a disk against its base into an overlay.
+
+The main thread reads and classifies 4 KiB blocks (unchanged, zero, equal to a base block,
+equal to a block already in the overlay, or new) and groups records into frames; two worker
+threads compress frames (zstandard releases the GIL). Frame boundaries depend only on the
+input, never on timing, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import xxhash
+import zstandard
+
+from vmsynth.formats.container import OverlayWriter
+from vmsynth.formats.frames import EncodedFrame, Record, encode_frame
+from vmsynth.formats.layout import RECORD, Kind, Stream
+
+from . import __version__
+from .bases import Base
+from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
+from .errors import BadInputError
+from .qcow2 import Qcow2Image, changed_ranges
+
+Progress = Callable[[int, int], None]
+
+FRAME_DATA = 1 << 20  # new data per frame: ~1 MiB frames compress well and fast (PERF.md)
+FRAME_COVER = 8 << 20  # bytes a frame may describe, so references stay cheap to verify
+FRAME_RECORDS = 16384
+SELF_INDEX_LIMIT = 2_000_000  # blocks remembered for dedupe within the overlay (~250 MB max)
+DELTA_KEEP = 4  # keep a delta only if it is under a quarter of the block
+WORKERS = 2
+LOOKAHEAD = 4  # frames in flight: bounds memory
+
+
+@dataclass
+class _Item:
+    """A record being built, with the bytes it stands for (for the result digest)."""
+
+    kind: Kind
+    target: int
+    length: int
+    source: int = 0
+    blocks: list[bytes] = field(default_factory=list)
+    base_block: bytes | None = None  # DELTA candidates: the base block at the same offset
+
+
+def _similar(new: bytes, old: bytes) -> bool:
+    """Cheap guess whether `new` is an edit of `old`: some sampled 64-byte slices still match."""
+    hits = 0
+    for pos in (0, 512, 1024, 1536, 2048, 2560, 3072, 4032):
+        if new[pos: pos + 64] == old[pos: pos + 64]:
+            hits += 1
+    return hits >= 2
+
+
+def _build_frame(seq: int, items: list[_Item], level: int) -> tuple[EncodedFrame, bytes, dict]:
+    """Worker: choose DELTA or DATA for candidates, pack, compress, digest the result."""
+    compressor = zstandard.ZstdCompressor(level=level)
+    records: list[Record] = []
+    data: list[bytes] = []
+    result = hashlib.sha256()
+    stats = {k: 0 for k in ("data", "delta", "zero", "base", "copy")}
+    for it in items:
+        kind = it.kind
+        if kind is Kind.DELTA:
+            assert it.base_block is not None
+            block = it.blocks[0]
+            dictionary = zstandard.ZstdCompressionDict(
+                it.base_block, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            delta = zstandard.ZstdCompressor(level=level, dict_data=dictionary,
+                                             write_content_size=True).compress(block)
+            if len(delta) * DELTA_KEEP <= len(block):
+                records.append(Record(Kind.DELTA, it.target, it.length, it.target, len(delta)))
+                data.append(delta)
+            else:
+                kind = Kind.DATA
+        if kind is Kind.DATA:
+            payload = b"".join(it.blocks)
+            records.append(Record(Kind.DATA, it.target, it.length, 0, len(payload)))
+            data.append(payload)
+        elif kind is not Kind.DELTA:
+            records.append(Record(kind, it.target, it.length, it.source, 0))
+        result.update(RECORD.pack(records[-1].kind, 0, it.target, it.length, 0))
+        for block in it.blocks:
+            result.update(block)
+        stats[kind.name.lower()] += -(-it.length // BLOCK)
+    frame = encode_frame(seq, Stream.DISK, records, data, compressor)
+    return frame, result.digest(), stats
+
+
+class _FrameQueue:
+    """Groups items into frames, hands them to workers, writes results in order."""
+
+    def __init__(self, writer: OverlayWriter, level: int) -> None:
+        self.writer = writer
+        self.level = level
+        self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="vmsynth-compress")
+        self.pending: deque[Future] = deque()
+        self.items: list[_Item] = []
+        self.data_bytes = self.cover_bytes = 0
+        self.seq = 0
+        self.result_digests = hashlib.sha256()
+        self.stats = {k: 0 for k in ("data", "delta", "zero", "base", "copy")}
+        self.raw_bytes = self.stored_bytes = 0
+
+    def add(self, item: _Item) -> None:
+        last = self.items[-1] if self.items else None
+        # Coalesce runs: contiguous zero, base-copy and self-copy runs become one record.
+        if last is not None and last.kind is item.kind and \
+                last.target + last.length == item.target and item.kind is not Kind.DELTA and \
+                (item.kind in (Kind.ZERO, Kind.DATA) or last.source + last.length == item.source):
+            last.length += item.length
+            last.blocks.extend(item.blocks)
+        else:
+            self.items.append(item)
+        if item.kind in (Kind.DATA, Kind.DELTA):
+            self.data_bytes += item.length
+        if item.kind is not Kind.ZERO:
+            self.cover_bytes += item.length
+        if self.data_bytes >= FRAME_DATA or self.cover_bytes >= FRAME_COVER or \
+                len(self.items) >= FRAME_RECORDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        self.pending.append(self.pool.submit(_build_frame, self.seq, self.items, self.level))
+        self.seq += 1
+        self.items = []
+        self.data_bytes = self.cover_bytes = 0
+        while len(self.pending) > LOOKAHEAD:
+            self._write_one()
+
+    def _write_one(self) -> None:
+        frame, digest, stats = self.pending.popleft().result()
+        self.writer.write_frame(frame)
+        self.result_digests.update(digest)
+        for k, v in stats.items():
+            self.stats[k] += v
+        self.raw_bytes += frame.head.raw_length
+        self.stored_bytes += frame.head.stored_length
+
+    def close(self) -> None:
+        self.flush()
+        try:
+            while self.pending:
+                self._write_one()
+        finally:
+            for fut in self.pending:
+                fut.cancel()
+            self.pool.shutdown(wait=True)
+
+
+class _Differ:
+    """Classifies changed blocks of `disk` against `base` and feeds the frame queue."""
+
+    def __init__(self, base: Base, disk: Qcow2Image, queue: _FrameQueue) -> None:
+        self.base, self.disk, self.queue = base, disk, queue
+        self.own: dict[int, int] = {}  # xxh3 of blocks already in the overlay -> target
+
+    def block(self, target: int, new: bytes, old: bytes) -> None:
+        n = len(new)
+        if new == ZERO_BLOCK or (n < BLOCK and is_zero(new)):
+            self.queue.add(_Item(Kind.ZERO, target, n))
+            return
+        if n == BLOCK:
+            h = xxhash.xxh3_64_intdigest(new)
+            src = self.own.get(h)
+            if src is not None and self.disk.read(src, BLOCK) == new:
+                self.queue.add(_Item(Kind.COPY, target, n, src, [new]))
+                return
+            for src in self.base.index.candidates(h):
+                if self.base.image.read(src, BLOCK) == new:
+                    self.queue.add(_Item(Kind.BASE, target, n, src, [new]))
+                    return
+            if len(self.own) < SELF_INDEX_LIMIT:
+                self.own.setdefault(h, target)
+            if old != ZERO_BLOCK and _similar(new, old):
+                self.queue.add(_Item(Kind.DELTA, target, n, target, [new], old))
+                return
+        self.queue.add(_Item(Kind.DATA, target, n, 0, [new]))
+
+    def region(self, start: int, length: int, progress: Callable[[int], None]) -> None:
+        end = start + length
+        for offset in range(start, end, CHUNK):
+            n = min(CHUNK, end - offset)
+            new = self.disk.read(offset, n)
+            old = self.base.image.read(offset, n)
+            if new != old:
+                for i in range(0, n, BLOCK):
+                    nb, ob = new[i: i + BLOCK], old[i: i + BLOCK]
+                    if nb != ob:
+                        self.block(offset + i, nb, ob)
+            progress(n)
+
+
+@dataclass
+class CreateReport:
+    path: str
+    fast_path: bool
+    scanned_bytes: int
+    summary: dict
+    overlay_bytes: int
+
+
+def open_disk(path: Path) -> Qcow2Image:
+    return Qcow2Image(Path(path))
+
+
+def create(base: Base, disk_path: Path, out: BinaryIO, level: int = 3,
+           progress: Progress | None = None) -> CreateReport:
+    """Write an overlay that turns `base` into the disk at `disk_path`."""
+    disk = open_disk(disk_path)
+    try:
+        if disk.virtual_size < base.identity.virtual_size:
+            raise BadInputError(
+                f"{disk_path}: disk ({disk.virtual_size} bytes) is smaller than its base "
+                f"({base.identity.virtual_size} bytes); shrinking is not supported",
+                hint="an overlay can only grow a disk")
+        ranges = changed_ranges(disk, base.path)
+        fast = ranges is not None
+        if ranges is None:
+            ranges = [(0, disk.virtual_size)]
+        total = sum(n for _, n in ranges)
+        writer = OverlayWriter(out)
+        writer.write_header(manifest(base, disk.virtual_size, level))
+        queue = _FrameQueue(writer, level)
+        differ = _Differ(base, disk, queue)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total)
+
+        try:
+            for start, length in ranges:
+                differ.region(start, length, advance)
+        finally:
+            queue.close()
+        summary = {
+            "blocks": queue.stats,
+            "payload_raw_bytes": queue.raw_bytes,
+            "payload_stored_bytes": queue.stored_bytes,
+            "frames": queue.seq,
+            "result_digest": "sha256:" + queue.result_digests.hexdigest(),
+        }
+        writer.finish(summary)
+        return CreateReport(str(disk_path), fast, total, summary, writer.bytes_written)
+    finally:
+        disk.close()
+
+
+def manifest(base: Base, virtual_size: int, level: int) -> dict:
+    ident = base.identity
+    return {
+        "block_size": BLOCK,
+        "base": {"name": ident.name, "version": ident.version,
+                 "virtual_size": ident.virtual_size, "digest": ident.digest},
+        "streams": [{"id": int(Stream.DISK), "kind": "disk", "virtual_size": virtual_size}],
+        "compression": {"codec": "zstd", "level": level},
+        "created_by": f"vmsynth {__version__}",
+    }

@@ -1,0 +1,66 @@
+"""Every error a user can see, and the exit code each one ends the program with.
+
+The codes are part of the interface (scripts and CI steps branch on them): never reuse or
+renumber one. README.md tables them; tests/test_cli.py checks the table against this enum.
+This module imports nothing of vmsynth, so every layer (formats included) may raise these.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import ClassVar
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    ERROR = 1  # unexpected: a bug, reported with --debug for a traceback
+    USAGE = 2  # bad command line (click's own code)
+    BASE_MISMATCH = 10  # overlay made for another base, or base not found
+    OVER_BUDGET = 11  # overlay larger than --max-size
+    UNSUPPORTED = 12  # newer format version or unknown required feature
+    CORRUPT = 13  # bad magic, truncated, digest mismatch, malformed structure
+    TOOL = 14  # an external tool (qemu-img ...) is missing or failed
+    BAD_INPUT = 16  # an input file is missing, unreadable, not an image, or unusable
+    WRITE_FAILED = 17  # could not write the output (disk full, permissions)
+    INTERRUPTED = 130  # Ctrl-C
+
+
+class VmsynthError(Exception):
+    """Base of every error shown to users as one line `error: ...`.
+
+    The message says what is wrong; `hint` says what to do about it.
+    """
+
+    exit_code: ClassVar[ExitCode] = ExitCode.ERROR
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class BaseMismatchError(VmsynthError):
+    exit_code = ExitCode.BASE_MISMATCH
+
+
+class OverBudgetError(VmsynthError):
+    exit_code = ExitCode.OVER_BUDGET
+
+
+class UnsupportedFormatError(VmsynthError):
+    exit_code = ExitCode.UNSUPPORTED
+
+
+class CorruptOverlayError(VmsynthError):
+    exit_code = ExitCode.CORRUPT
+
+
+class ToolError(VmsynthError):
+    exit_code = ExitCode.TOOL
+
+
+class BadInputError(VmsynthError):
+    exit_code = ExitCode.BAD_INPUT
+
+
+class WriteError(VmsynthError):
+    exit_code = ExitCode.WRITE_FAILED

@@ -1,0 +1,186 @@
+"""Reading an overlay back: verify every frame and rebuild (synthesize) the disk it describes.
+
+`replay` is shared by apply (which writes the result) and verify (which only checks it): both
+decode frames on worker threads, check every record against the manifest, recompute the
+result digest, and compare it with the one create recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+import zstandard
+
+from vmsynth.formats.container import OverlayStream
+from vmsynth.formats.frames import FrameHead, Record, decode_payload
+from vmsynth.formats.layout import MAX_FRAME_RAW, RECORD, Kind, Stream
+
+from .blocks import BLOCK, CHUNK
+from .errors import CorruptOverlayError, UnsupportedFormatError
+
+WORKERS = 2
+LOOKAHEAD = 4
+
+
+@dataclass(frozen=True)
+class DiskManifest:
+    virtual_size: int
+    base: dict
+    block_size: int
+
+
+def disk_manifest(manifest: dict) -> DiskManifest:
+    try:
+        streams = {s["kind"]: s for s in manifest["streams"]}
+        disk = streams["disk"]
+        out = DiskManifest(int(disk["virtual_size"]), dict(manifest["base"]),
+                           int(manifest["block_size"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptOverlayError(f"overlay manifest lacks a required field ({err})") from err
+    if set(streams) - {"disk"}:
+        raise UnsupportedFormatError(f"overlay holds streams this vmsynth cannot rebuild: "
+                                     f"{sorted(set(streams) - {'disk'})}", hint="upgrade vmsynth")
+    if out.block_size != BLOCK or out.virtual_size < 0:
+        raise CorruptOverlayError("overlay manifest has an invalid block or disk size")
+    return out
+
+
+class Sink(Protocol):
+    """Where rebuilt bytes go. `read_result` serves COPY records (earlier result bytes)."""
+
+    def write(self, offset: int, data: bytes) -> None: ...
+    def zero(self, offset: int, length: int) -> None: ...
+    def read_result(self, offset: int, length: int) -> bytes: ...
+
+
+@dataclass
+class Decoded:
+    head: FrameHead
+    records: list[Record]
+    data: list[bytes | None]  # produced bytes of DATA / DELTA records, None for others
+
+
+def _decode(head: FrameHead, stored: bytes,
+            base_read: Callable[[int, int], bytes] | None) -> Decoded:
+    records, area = decode_payload(head, stored)
+    out: list[bytes | None] = []
+    pos = 0
+    for r in records:
+        chunk = bytes(area[pos: pos + r.stored])
+        pos += r.stored
+        if r.kind is Kind.DATA:
+            if r.stored != r.length:
+                raise CorruptOverlayError(f"frame {head.seq}: data record size mismatch")
+            out.append(chunk)
+        elif r.kind is Kind.DELTA:
+            if r.length > MAX_FRAME_RAW:
+                raise CorruptOverlayError(f"frame {head.seq}: delta record is too large")
+            if base_read is None:  # checking without a base: the frame digest covered it
+                out.append(None)
+                continue
+            dictionary = zstandard.ZstdCompressionDict(
+                base_read(r.source, r.length), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            try:
+                block = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(
+                    chunk, max_output_size=r.length)
+            except zstandard.ZstdError as err:
+                raise CorruptOverlayError(f"frame {head.seq}: bad delta record: {err}") from err
+            if len(block) != r.length:
+                raise CorruptOverlayError(f"frame {head.seq}: delta decodes to the wrong size")
+            out.append(block)
+        else:
+            if r.stored:
+                raise CorruptOverlayError(f"frame {head.seq}: {r.kind.name} record carries data")
+            out.append(None)
+    return Decoded(head, records, out)
+
+
+def decoded_frames(overlay: OverlayStream, base_read: Callable[[int, int], bytes] | None
+                   ) -> Iterator[Decoded]:
+    """Frames decoded on worker threads, yielded in file order."""
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmsynth-decode") as pool:
+        pending: deque = deque()
+        try:
+            for frame in overlay.frames():
+                pending.append(pool.submit(_decode, frame.head, frame.stored, base_read))
+                while len(pending) > LOOKAHEAD:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+@dataclass
+class ReplayReport:
+    frames: int
+    records: int
+    changed_bytes: int
+    result_digest: str | None  # None when checked without a base
+
+
+def replay(overlay: OverlayStream, manifest: DiskManifest,
+           base_read: Callable[[int, int], bytes] | None, sink: Sink | None,
+           progress: Callable[[int], None] | None = None) -> ReplayReport:
+    """Check every frame and record; with a base, rebuild the result into `sink`.
+
+    Without a base (`base_read` None) only the structure and the frame digests are checked:
+    the result digest needs the base's bytes.
+    """
+    size, base_size = manifest.virtual_size, int(manifest.base.get("virtual_size", 0))
+    rebuild = base_read is not None and sink is not None
+    end = 0  # records must ascend without overlap: the result before `end` is final
+    digests = hashlib.sha256()
+    frames = records = changed = 0
+    for dec in decoded_frames(overlay, base_read):
+        if dec.head.stream != Stream.DISK:
+            raise UnsupportedFormatError(f"frame {dec.head.seq} is for an unsupported stream")
+        frame_digest = hashlib.sha256()
+        for r, data in zip(dec.records, dec.data, strict=True):
+            where = f"frame {dec.head.seq}: record at {r.target}+{r.length}"
+            if r.target < end or r.length <= 0 or r.target + r.length > size:
+                raise CorruptOverlayError(f"{where} is out of order or outside the disk")
+            if r.kind is Kind.BASE and r.source + r.length > base_size:
+                raise CorruptOverlayError(f"{where} refers past the end of the base")
+            if r.kind is Kind.COPY and r.source + r.length > r.target:
+                raise CorruptOverlayError(f"{where} copies from a region not yet rebuilt")
+            end = r.target + r.length
+            records += 1
+            changed += r.length
+            if not rebuild:
+                continue
+            assert sink is not None and base_read is not None
+            frame_digest.update(RECORD.pack(r.kind, 0, r.target, r.length, 0))
+            if r.kind is Kind.ZERO:
+                sink.zero(r.target, r.length)
+            elif r.kind in (Kind.BASE, Kind.COPY):
+                read = base_read if r.kind is Kind.BASE else sink.read_result
+                # Piece by piece: a huge declared length must not become a huge allocation.
+                for pos in range(0, r.length, CHUNK):
+                    piece = read(r.source + pos, min(CHUNK, r.length - pos))
+                    frame_digest.update(piece)
+                    sink.write(r.target + pos, piece)
+            else:
+                assert data is not None
+                frame_digest.update(data)
+                sink.write(r.target, data)
+        digests.update(frame_digest.digest())
+        frames += 1
+        if progress:
+            progress(dec.head.stored_length)
+    assert overlay.footer is not None
+    if not rebuild:
+        return ReplayReport(frames, records, changed, None)
+    digest = "sha256:" + digests.hexdigest()
+    if digest != overlay.footer.summary.get("result_digest"):
+        raise CorruptOverlayError("the rebuilt disk's digest does not match the overlay's "
+                                  "(wrong base contents, or a damaged overlay)",
+                                  hint="check that the base file is intact, and fetch the "
+                                       "overlay again")
+    return ReplayReport(frames, records, changed, digest)

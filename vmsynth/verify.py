@@ -1,0 +1,91 @@
+"""Verify and inspect: what an overlay is, and whether it is intact, fits a base and a budget."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from vmsynth.formats.container import OverlayStream, read_footer
+
+from .apply import rebuild
+from .bases import Base
+from .errors import OverBudgetError
+from .synth import ReplayReport, disk_manifest, replay
+
+LINKS_MBPS = (10, 50, 1000)  # the seed chapter's calculator: LTE / busy Wi-Fi, Wi-Fi, LAN
+
+
+@dataclass
+class VerifyReport:
+    overlay_bytes: int
+    base_checked: bool
+    replay: ReplayReport
+    max_size: int | None
+
+
+class _Counting:
+    """Counts the bytes read through it: the overlay's size, even from a pipe."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.count = raw, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+
+def verify(source: BinaryIO, base: Base | None = None, max_size: int | None = None,
+           progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check structure and every digest; with a base, rebuild into scratch space and check
+    the result digest too; with `max_size`, the budget. Raises on the first failure."""
+    counted = _Counting(source)
+    overlay = OverlayStream(counted)  # type: ignore[arg-type]
+    manifest = disk_manifest(overlay.header.manifest)
+    if base is None:
+        report = replay(overlay, manifest, None, None, progress)
+    else:
+        base.check_matches(manifest.base)
+        with tempfile.TemporaryDirectory(prefix="vmsynth-verify-") as scratch:
+            report = rebuild(overlay, base, Path(scratch) / "check.qcow2", progress)
+    if max_size is not None and counted.count > max_size:
+        raise OverBudgetError(f"overlay is {counted.count:,} bytes, over the budget of "
+                              f"{max_size:,} bytes by {counted.count - max_size:,}",
+                              hint="`vmsynth inspect` shows where the bytes go")
+    return VerifyReport(counted.count, base is not None, report, max_size)
+
+
+def transfer_seconds(size: int) -> dict[str, float]:
+    return {f"{mbps}Mbps": round(size * 8 / (mbps * 1e6), 3) for mbps in LINKS_MBPS}
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """What `inspect` shows, from the header and footer only (no frame is read)."""
+    with open(path, "rb") as f:
+        overlay = OverlayStream(f)
+        footer = read_footer(f)
+        size = footer.file_length
+    header = overlay.header
+    manifest = disk_manifest(header.manifest)
+    summary = footer.summary
+    raw = int(summary.get("payload_raw_bytes", 0))
+    stored = int(summary.get("payload_stored_bytes", 0))
+    blocks = dict(summary.get("blocks", {}))
+    return {
+        "path": str(path),
+        "format_version": f"{header.major}.{header.minor}",
+        "base": manifest.base,
+        "sizes": {"overlay": size, "payload_uncompressed": raw, "payload_stored": stored,
+                  "virtual_disk": manifest.virtual_size},
+        "blocks": blocks,
+        "block_size": manifest.block_size,
+        "frames": len(footer.index),
+        "compression": header.manifest.get("compression", {}),
+        "compression_ratio": round(raw / stored, 3) if stored else None,
+        "result_digest": summary.get("result_digest"),
+        "transfer_seconds": {"overlay": transfer_seconds(size),
+                             "full_disk": transfer_seconds(manifest.virtual_size)},
+    }
