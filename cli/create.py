@@ -14,7 +14,7 @@ from vmsynth.errors import OverBudgetError
 from vmsynth.store import atomic_path
 
 from . import console
-from .options import base_option, json_option, open_base
+from .options import base_option, json_option, open_base, open_disk
 
 
 @click.command("create", epilog="""\b
@@ -42,17 +42,17 @@ def command(base_spec: str, disk: str, output: str, level: int, max_size: int | 
     edited blocks are stored as deltas against the base; the rest is zstd-compressed.
     """
     started = time.monotonic()
-    with open_base(base_spec, as_json) as base:
+    with open_base(base_spec, as_json) as base, open_disk(disk) as image:
         with console.progress("diffing", 1, enabled=not as_json) as update:
             if output == "-":
-                report = create(base, Path(disk), sys.stdout.buffer, level, update)
+                report = create(base, image, sys.stdout.buffer, level, update)
                 if max_size is not None and report.overlay_bytes > max_size:
                     raise OverBudgetError(f"overlay was {report.overlay_bytes:,} bytes, over the "
                                           f"budget of {max_size:,}")
             else:
                 with atomic_path(Path(output)) as tmp:
                     with open(tmp, "wb") as f:
-                        report = create(base, Path(disk), f, level, update)
+                        report = create(base, image, f, level, update)
                     if max_size is not None and report.overlay_bytes > max_size:
                         raise OverBudgetError(
                             f"overlay would be {report.overlay_bytes:,} bytes, over the budget "

@@ -13,6 +13,7 @@ import click
 from vmsynth import bases
 from vmsynth.bases import Base
 from vmsynth.errors import BadInputError
+from vmsynth.qcow2 import Qcow2Image
 
 from . import console
 
@@ -47,6 +48,15 @@ def open_input(path: str) -> Iterator[BinaryIO]:
         raise BadInputError(f"{path}: cannot read: {err.strerror}") from None
     with f:
         yield f
+
+
+@contextlib.contextmanager
+def open_disk(path: str) -> Iterator[Qcow2Image]:
+    image = Qcow2Image(Path(path))
+    try:
+        yield image
+    finally:
+        image.close()
 
 
 def file_size(path: str) -> int:

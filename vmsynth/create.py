@@ -13,7 +13,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO
 
 import xxhash
@@ -27,7 +26,7 @@ from . import __version__
 from .bases import Base
 from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
 from .errors import BadInputError
-from .qcow2 import Qcow2Image, changed_ranges
+from .qcow2 import Image, Qcow2Image, changed_ranges
 
 Progress = Callable[[int, int], None]
 
@@ -211,53 +210,50 @@ class CreateReport:
     overlay_bytes: int
 
 
-def open_disk(path: Path) -> Qcow2Image:
-    return Qcow2Image(Path(path))
-
-
-def create(base: Base, disk_path: Path, out: BinaryIO, level: int = 3,
+def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
            progress: Progress | None = None) -> CreateReport:
-    """Write an overlay that turns `base` into the disk at `disk_path`."""
-    disk = open_disk(disk_path)
+    """Write to `out` an overlay that turns `base` into `disk`.
+
+    Raises:
+        BadInputError: the disk is smaller than the base.
+        OSError: writing `out` failed.
+    """
+    if disk.virtual_size < base.identity.virtual_size:
+        raise BadInputError(
+            f"{disk.path}: disk ({disk.virtual_size} bytes) is smaller than its base "
+            f"({base.identity.virtual_size} bytes); shrinking is not supported",
+            hint="an overlay can only grow a disk")
+    ranges = changed_ranges(disk, base.path) if isinstance(disk, Qcow2Image) else None
+    fast = ranges is not None
+    if ranges is None:
+        ranges = [(0, disk.virtual_size)]
+    total = sum(n for _, n in ranges)
+    writer = OverlayWriter(out)
+    writer.write_header(manifest(base, disk.virtual_size, level))
+    queue = _FrameQueue(writer, level)
+    differ = _Differ(base, disk, queue)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
     try:
-        if disk.virtual_size < base.identity.virtual_size:
-            raise BadInputError(
-                f"{disk_path}: disk ({disk.virtual_size} bytes) is smaller than its base "
-                f"({base.identity.virtual_size} bytes); shrinking is not supported",
-                hint="an overlay can only grow a disk")
-        ranges = changed_ranges(disk, base.path)
-        fast = ranges is not None
-        if ranges is None:
-            ranges = [(0, disk.virtual_size)]
-        total = sum(n for _, n in ranges)
-        writer = OverlayWriter(out)
-        writer.write_header(manifest(base, disk.virtual_size, level))
-        queue = _FrameQueue(writer, level)
-        differ = _Differ(base, disk, queue)
-        done = 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, total)
-
-        try:
-            for start, length in ranges:
-                differ.region(start, length, advance)
-        finally:
-            queue.close()
-        summary = {
-            "blocks": queue.stats,
-            "payload_raw_bytes": queue.raw_bytes,
-            "payload_stored_bytes": queue.stored_bytes,
-            "frames": queue.seq,
-            "result_digest": "sha256:" + queue.result_digests.hexdigest(),
-        }
-        writer.finish(summary)
-        return CreateReport(str(disk_path), fast, total, summary, writer.bytes_written)
+        for start, length in ranges:
+            differ.region(start, length, advance)
     finally:
-        disk.close()
+        queue.close()
+    summary = {
+        "blocks": queue.stats,
+        "payload_raw_bytes": queue.raw_bytes,
+        "payload_stored_bytes": queue.stored_bytes,
+        "frames": queue.seq,
+        "result_digest": "sha256:" + queue.result_digests.hexdigest(),
+    }
+    writer.finish(summary)
+    return CreateReport(str(disk.path), fast, total, summary, writer.bytes_written)
 
 
 def manifest(base: Base, virtual_size: int, level: int) -> dict:

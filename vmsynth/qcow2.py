@@ -14,6 +14,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import zstandard
 
@@ -34,6 +35,17 @@ COMPRESSED = 1 << 62
 ZERO_FLAG = 1
 
 UNALLOCATED, ZERO, DATA, COMPRESSED_DATA = range(4)
+
+
+class Image(Protocol):
+    """What the diff and rebuild code needs of a disk: its size and its guest-visible bytes."""
+
+    path: Path
+    virtual_size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class RawImage:
