@@ -22,7 +22,7 @@ import xxhash
 
 from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
 from .errors import BadInputError, BaseMismatchError, VmsynthError
-from .qcow2 import Qcow2Image
+from .qcow2 import Image, Qcow2Image
 from .store import write_atomic
 
 Progress = Callable[[int, int], None]
@@ -85,24 +85,32 @@ class BlockIndex:
         return cls(hashes, offsets)
 
 
-def scan(image: Qcow2Image, progress: Progress | None = None) -> tuple[str, BlockIndex]:
+def scan(image: Image, progress: Progress | None = None) -> tuple[str, BlockIndex]:
     """Read a base once: the digest of its virtual contents and its block index."""
     sha = hashlib.sha256()
-    pairs: list[tuple[int, int]] = []
+    # 256 buckets by the hash's top byte: the final sort then never holds more than 1/256
+    # of the entries as Python objects, so scanning a huge base stays small in memory.
+    bucket_h = [array("Q") for _ in range(256)]
+    bucket_o = [array("Q") for _ in range(256)]
     size = image.virtual_size
     for offset in range(0, size, CHUNK):
         chunk = image.read(offset, min(CHUNK, size - offset))
         sha.update(chunk)
         if not is_zero(chunk):
-            for i in range(0, len(chunk), BLOCK):
+            for i in range(0, len(chunk) - BLOCK + 1, BLOCK):
                 block = chunk[i: i + BLOCK]
-                if len(block) == BLOCK and block != ZERO_BLOCK:
-                    pairs.append((xxhash.xxh3_64_intdigest(block), offset + i))
+                if block != ZERO_BLOCK:
+                    h = xxhash.xxh3_64_intdigest(block)
+                    bucket_h[h >> 56].append(h)
+                    bucket_o[h >> 56].append(offset + i)
         if progress:
             progress(min(offset + CHUNK, size), size)
-    pairs.sort()
-    return "sha256:" + sha.hexdigest(), BlockIndex(array("Q", (h for h, _ in pairs)),
-                                                   array("Q", (o for _, o in pairs)))
+    hashes, offsets = array("Q"), array("Q")
+    for bh, bo in zip(bucket_h, bucket_o, strict=True):
+        for h, o in sorted(zip(bh, bo)):
+            hashes.append(h)
+            offsets.append(o)
+    return "sha256:" + sha.hexdigest(), BlockIndex(hashes, offsets)
 
 
 @dataclass
@@ -110,7 +118,7 @@ class Base:
     """A base ready for use: its image, identity and block index."""
 
     path: Path
-    image: Qcow2Image
+    image: Image
     identity: Identity
     index: BlockIndex
 
