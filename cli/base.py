@@ -26,7 +26,10 @@ def group() -> None:
     """
 
 
-@group.command("add")
+@group.command("add", epilog="""\b
+Examples:
+  vmsynth base add ubuntu.qcow2 --name ubuntu-22.04 --version 2.3.1
+  vmsynth base add /srv/bases/debian12.qcow2 --name debian --version 12.5 --json""")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--name", required=True, help="Base name, e.g. ubuntu-22.04.")
 @click.option("--version", "version", required=True, help="Base version, e.g. 2.3.1.")
@@ -45,7 +48,10 @@ def add(image: str, name: str, version: str, as_json: bool) -> None:
                       f"{base.identity.digest}")
 
 
-@group.command("list")
+@group.command("list", epilog="""\b
+Examples:
+  vmsynth base list
+  vmsynth base list --json | jq -r '.[].name'""")
 @json_option
 def list_(as_json: bool) -> None:
     """List the cached bases."""
@@ -63,7 +69,9 @@ def list_(as_json: bool) -> None:
     console.out.print(table)
 
 
-@group.command("rm")
+@group.command("rm", epilog="""\b
+Examples:
+  vmsynth base rm ubuntu-22.04@2.3.1""")
 @click.argument("spec", metavar="NAME@VERSION")
 @json_option
 def rm(spec: str, as_json: bool) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,22 +46,29 @@ def command(base_spec: str, disk: str, output: str, level: int, max_size: int | 
     """
     started = time.monotonic()
     with open_base(base_spec, as_json) as base, open_disk(disk) as image:
+        if output != "-":
+            for path, what in ((base.path, "base"), (Path(disk), "disk")):
+                if Path(output).exists() and os.path.samefile(output, path):
+                    raise click.BadParameter(f"{output} is the {what} image: refusing to "
+                                             "overwrite it", param_hint="-o/--output")
         with console.progress("diffing", 1, enabled=not as_json) as update:
-            if output == "-":
+            if output == "-" and max_size is None:
                 report = create(base, image, sys.stdout.buffer, level, update)
-                if max_size is not None and report.overlay_bytes > max_size:
-                    raise OverBudgetError(f"overlay was {report.overlay_bytes:,} bytes, over the "
-                                          f"budget of {max_size:,}")
+            elif output == "-":
+                # With a budget the overlay waits in a temporary file until its size is
+                # known: an oversized one never reaches standard output.
+                with tempfile.TemporaryFile() as f:
+                    report = create(base, image, f, level, update)
+                    _check_budget(report.overlay_bytes, max_size)
+                    f.seek(0)
+                    shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+                    sys.stdout.buffer.flush()
             else:
-                with atomic_path(Path(output)) as tmp:
-                    with open(tmp, "wb") as f:
-                        report = create(base, image, f, level, update)
-                    if max_size is not None and report.overlay_bytes > max_size:
-                        raise OverBudgetError(
-                            f"overlay would be {report.overlay_bytes:,} bytes, over the budget "
-                            f"of {max_size:,}; nothing was written",
-                            hint="`vmsynth inspect` on an overlay made without --max-size shows "
-                                 "where the bytes go")
+                with atomic_path(Path(output)) as tmp, open(tmp, "wb") as f:
+                    report = create(base, image, f, level, update)
+                    _check_budget(report.overlay_bytes, max_size)
+                    f.flush()
+                    os.fsync(f.fileno())  # durable before the rename makes it visible
     elapsed = time.monotonic() - started
     result = dataclasses.asdict(report) | {"output": output, "seconds": round(elapsed, 3)}
     if as_json:
@@ -72,3 +82,11 @@ def command(base_spec: str, disk: str, output: str, level: int, max_size: int | 
         f"{console.human(report.scanned_bytes)} examined)\n"
         f"  blocks: {blocks['data']} new, {blocks['delta']} delta, {blocks['copy']} deduped, "
         f"{blocks['base']} from base, {blocks['zero']} zero")
+
+
+def _check_budget(size: int, max_size: int | None) -> None:
+    if max_size is not None and size > max_size:
+        raise OverBudgetError(f"overlay would be {size:,} bytes, over the budget of "
+                              f"{max_size:,}; nothing was written",
+                              hint="`vmsynth inspect` on an overlay made without --max-size "
+                                   "shows where the bytes go")

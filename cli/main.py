@@ -23,7 +23,8 @@ Examples:
 
 Exit codes: 0 ok, 1 internal error, 2 usage, 10 base mismatch, 11 over budget,
 12 unsupported format, 13 corrupt overlay, 14 tool missing or failed,
-16 bad input image, 17 cannot write output, 130 interrupted."""
+15 boot failed, 16 bad input, 17 cannot write output, 18 accelerator
+unavailable, 19 image check failed, 130 interrupted."""
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,18 +56,26 @@ def main(argv: list[str] | None = None) -> None:
     as_json = _wants_json(argv)
     debug = "--debug" in argv or bool(os.environ.get("VMSYNTH_DEBUG"))
     try:
-        cli.main(args=argv, prog_name="vmsynth", standalone_mode=False)
+        # make_context + invoke rather than cli.main: click's main prints its own multi-line
+        # usage errors and blank lines; here every failure is reported the same way.
+        with cli.make_context("vmsynth", list(argv)) as ctx:
+            cli.invoke(ctx)
         code = ExitCode.OK
     except click.exceptions.Exit as exc:
         code = exc.exit_code
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        code = ExitCode.USAGE
+    except click.UsageError as exc:
+        where = f"vmsynth {exc.ctx.command_path.partition(' ')[2]}".strip() if exc.ctx else "vmsynth"
+        _report(exc.format_message(), f"see `{where} --help`", ExitCode.USAGE, "UsageError",
+                as_json)
+        code = ExitCode.USAGE
     except click.ClickException as exc:
-        exc.show()
+        _report(exc.format_message(), None, exc.exit_code, type(exc).__name__, as_json)
         code = exc.exit_code
-    except click.Abort:
-        click.echo("error: interrupted", err=True)
-        code = ExitCode.INTERRUPTED
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+    except (KeyboardInterrupt, click.Abort):
+        _report("interrupted", None, ExitCode.INTERRUPTED, "Interrupted", as_json)
         code = ExitCode.INTERRUPTED
     except VmsynthError as exc:
         _report(str(exc), exc.hint, exc.exit_code, type(exc).__name__, as_json)

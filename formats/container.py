@@ -149,7 +149,7 @@ def parse_header(stream: BinaryIO) -> Header:
     body, digest = rest[:-DIGEST_SIZE], rest[-DIGEST_SIZE:]
     if hashlib.sha256(first + body).digest() != digest:
         raise CorruptOverlayError("overlay header digest mismatch (the header is damaged)")
-    unknown = incompat & ~KNOWN_INCOMPAT
+    unknown = incompat & ~int(KNOWN_INCOMPAT)
     if unknown:
         raise UnsupportedFormatError(f"overlay needs features this vmsynth lacks (bits {unknown:#x})",
                                      hint="upgrade vmsynth")
@@ -172,14 +172,18 @@ def _parse_footer(tail: bytes, summary_offset: int, file_length: int) -> Footer:
         raise CorruptOverlayError("overlay trailer disagrees with the file's layout")
     if hashlib.sha256(body + trailer[:-DIGEST_SIZE]).digest() != digest:
         raise CorruptOverlayError("overlay summary/index digest mismatch (the end is damaged)")
+    if len(body) < 2 * SECTION.size:
+        raise CorruptOverlayError("overlay summary and index are cut short")
     tag, summary_len = SECTION.unpack_from(body, 0)
-    if tag != SUMMARY_TAG or SECTION.size + summary_len > len(body) or \
+    if tag != SUMMARY_TAG or 2 * SECTION.size + summary_len > len(body) or \
             i_off != s_off + SECTION.size + summary_len:
         raise CorruptOverlayError("overlay summary section is malformed")
     try:
         summary = json.loads(body[SECTION.size: SECTION.size + summary_len])
     except ValueError as err:
         raise CorruptOverlayError(f"overlay summary is not valid JSON: {err}") from err
+    if not isinstance(summary, dict):
+        raise CorruptOverlayError("overlay summary is not a JSON object")
     pos = SECTION.size + summary_len
     tag, count = SECTION.unpack_from(body, pos)
     pos += SECTION.size

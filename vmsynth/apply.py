@@ -17,6 +17,7 @@ from vmsynth.formats.container import OverlayStream
 
 from .bases import Base
 from .blocks import is_zero
+from .errors import UsageError
 from .qcow2 import Qcow2Writer
 from .store import atomic_path
 from .synth import ReplayReport, disk_manifest, replay
@@ -122,6 +123,9 @@ def rebuild(overlay: OverlayStream, base: Base, child: Path,
 def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
           progress: Callable[[int], None] | None = None) -> ApplyReport:
     """Rebuild the overlay read from `source` on `base` into `output` (temp name, then rename)."""
+    if output.exists() and os.path.samefile(output, base.path):
+        raise UsageError(f"{output} is the base image: refusing to overwrite it",
+                         hint="write the rebuilt disk to another file")
     overlay = OverlayStream(source)
     manifest = disk_manifest(overlay.header.manifest)
     base.check_matches(manifest.base)  # before anything is written

@@ -21,7 +21,7 @@ from pathlib import Path
 import xxhash
 
 from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
-from .errors import BadInputError, BaseMismatchError, VmsynthError
+from .errors import BadInputError, BaseMismatchError, UsageError, VmsynthError
 from .qcow2 import Image, Qcow2Image
 from .store import write_atomic
 
@@ -185,8 +185,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 def _entry_file(name: str, version: str) -> Path:
     for part in (name, version):
         if not _NAME.match(part):
-            raise VmsynthError(f"invalid base name or version {part!r}",
-                               hint="use letters, digits and . _ + -")
+            raise UsageError(f"invalid base name or version {part!r}",
+                             hint="use letters, digits and . _ + -")
     return home() / "bases" / f"{name}@{version}.json"
 
 

@@ -20,8 +20,11 @@ class ExitCode(IntEnum):
     UNSUPPORTED = 12  # newer format version or unknown required feature
     CORRUPT = 13  # bad magic, truncated, digest mismatch, malformed structure
     TOOL = 14  # an external tool (qemu-img ...) is missing or failed
+    BOOT_FAILED = 15  # the VM did not become ready in time, or QEMU exited early
     BAD_INPUT = 16  # an input file is missing, unreadable, not an image, or unusable
     WRITE_FAILED = 17  # could not write the output (disk full, permissions)
+    ACCEL_UNAVAILABLE = 18  # the requested accelerator (KVM) is missing or does not work here
+    CHECK_FAILED = 19  # an image failed its check: no filesystem, or fsck found errors
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -36,6 +39,12 @@ class VmsynthError(Exception):
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.hint = hint
+
+
+class UsageError(VmsynthError):
+    """A bad argument that only the engine can judge (a base name, an output path)."""
+
+    exit_code = ExitCode.USAGE
 
 
 class BaseMismatchError(VmsynthError):
@@ -64,3 +73,15 @@ class BadInputError(VmsynthError):
 
 class WriteError(VmsynthError):
     exit_code = ExitCode.WRITE_FAILED
+
+
+class BootError(VmsynthError):
+    exit_code = ExitCode.BOOT_FAILED
+
+
+class AccelError(VmsynthError):
+    exit_code = ExitCode.ACCEL_UNAVAILABLE
+
+
+class CheckFailedError(VmsynthError):
+    exit_code = ExitCode.CHECK_FAILED

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from .errors import ToolError
+from .errors import ToolError, WriteError
 
 PACKAGES = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils",
             "qemu-system-x86_64": "qemu-system-x86"}
@@ -21,5 +21,9 @@ def run(*args: str) -> str:
     proc = subprocess.run(args, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise ToolError(f"{tool} failed: {detail[-1] if detail else f'exit {proc.returncode}'}")
+        last = detail[-1] if detail else f"exit {proc.returncode}"
+        if "No space left on device" in last:
+            raise WriteError(f"{tool}: no space left on the device ({last})",
+                             hint="free some space or write the output elsewhere")
+        raise ToolError(f"{tool} failed: {last}")
     return proc.stdout

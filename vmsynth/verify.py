@@ -12,7 +12,7 @@ from vmsynth.formats.container import OverlayStream, read_footer
 
 from .apply import rebuild
 from .bases import Base
-from .errors import OverBudgetError
+from .errors import CorruptOverlayError, OverBudgetError
 from .synth import ReplayReport, disk_manifest, replay
 
 LINKS_MBPS = (10, 50, 1000)  # the seed chapter's calculator: LTE / busy Wi-Fi, Wi-Fi, LAN
@@ -71,9 +71,12 @@ def describe(path: Path) -> dict[str, Any]:
     header = overlay.header
     manifest = disk_manifest(header.manifest)
     summary = footer.summary
-    raw = int(summary.get("payload_raw_bytes", 0))
-    stored = int(summary.get("payload_stored_bytes", 0))
-    blocks = dict(summary.get("blocks", {}))
+    try:
+        raw = int(summary.get("payload_raw_bytes", 0))
+        stored = int(summary.get("payload_stored_bytes", 0))
+        blocks = {str(k): int(v) for k, v in dict(summary.get("blocks", {})).items()}
+    except (TypeError, ValueError) as err:
+        raise CorruptOverlayError(f"overlay summary has a malformed field ({err})") from err
     return {
         "path": str(path),
         "format_version": f"{header.major}.{header.minor}",
