@@ -1,0 +1,232 @@
+"""Launch, watch and stop one QEMU virtual machine.
+
+A Machine owns a run directory (QMP socket, serial log, QEMU's own log) and its QEMU
+process. QEMU runs in its own session so a Ctrl-C at the terminal reaches us, not it: we
+then ask the guest to power down over QMP, wait a grace period, quit QEMU, and kill it if
+it still lingers. Used as a context manager, no QEMU process outlives the Machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .accel import Accel
+from .errors import BadInputError, BootError
+from .qmp import QMP, QMPError
+from .tools import PACKAGES, ToolError
+
+QEMU = "qemu-system-x86_64"
+TAIL_LINES = 15
+
+
+@dataclass
+class BootOptions:
+    disk: Path
+    accel: Accel
+    memory: str = "1G"
+    cpus: int = 1
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    vnc: str = "auto"  # auto: first free display from :0; :N; or none
+    serial_log: Path | None = None  # default: serial.log in the run directory
+    ready: str | None = None  # text on the serial console that means "ready"
+    timeout: float = 120.0
+    extra_args: list[str] = field(default_factory=list)
+
+
+class Machine:
+    def __init__(self, options: BootOptions, on_serial: Callable[[str], None] | None = None,
+                 grace: float = 10.0) -> None:
+        self.options = options
+        self.grace = grace  # seconds the guest gets to power down when we stop it
+        self.on_serial = on_serial  # gets serial output as it arrives (e.g. --serial -)
+        self.rundir = Path(tempfile.mkdtemp(prefix="vmsynth-vm-"))
+        self.qmp_path = self.rundir / "qmp.sock"
+        self.serial_log = options.serial_log or self.rundir / "serial.log"
+        self.qemu_log = self.rundir / "qemu.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp: QMP | None = None
+        self._serial_pos = 0
+        self._serial_text = ""
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        o = self.options
+        args = [QEMU, *o.accel.qemu_args(), "-m", o.memory, "-smp", str(o.cpus), "-nodefaults",
+                "-no-user-config", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                "-serial", f"file:{self.serial_log}",
+                "-drive", f"file={_escape(o.disk)},format=qcow2,if=virtio,discard=unmap"]
+        if o.vnc == "none":
+            args += ["-display", "none"]
+        else:
+            display = "0,to=99" if o.vnc == "auto" else o.vnc.lstrip(":")
+            args += ["-vga", "std", "-display", "none", "-vnc", f"127.0.0.1:{display}"]
+        if o.kernel:
+            args += ["-kernel", str(o.kernel)]
+            if o.initrd:
+                args += ["-initrd", str(o.initrd)]
+            args += ["-append", o.append or "console=ttyS0"]
+        return args + o.extra_args
+
+    def start(self) -> None:
+        if shutil.which(QEMU) is None:
+            raise ToolError(f"{QEMU} is not installed",
+                            hint=f"install it: apt-get install {PACKAGES[QEMU]}")
+        for path, what in ((self.options.disk, "disk"), (self.options.kernel, "kernel"),
+                           (self.options.initrd, "initrd")):
+            if path is not None and not Path(path).is_file():
+                raise BadInputError(f"{what} {path}: no such file")
+        self.serial_log.parent.mkdir(parents=True, exist_ok=True)
+        self.serial_log.write_bytes(b"")
+        with open(self.qemu_log, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not self.qmp_path.exists():
+            if self.proc.poll() is not None:
+                raise BootError(f"QEMU exited at start: {self._qemu_error()}",
+                                hint=self._hint_for(self._qemu_error()))
+            if time.monotonic() > deadline:
+                raise BootError("QEMU did not open its QMP socket within 10 s")
+            time.sleep(0.02)
+        self.qmp = QMP(str(self.qmp_path))
+
+    def _qemu_error(self) -> str:
+        lines = [ln for ln in self.qemu_log.read_text(errors="replace").splitlines() if ln]
+        return lines[-1] if lines else f"exit code {self.proc.returncode if self.proc else '?'}"
+
+    @staticmethod
+    def _hint_for(error: str) -> str | None:
+        if "Address already in use" in error or "Failed to find an available port" in error:
+            return "that VNC display is taken: use --vnc auto, or another :N"
+        if "Could not open" in error:
+            return "check the disk path and that its backing file exists"
+        return None
+
+    # -- watching ---------------------------------------------------------------------------
+
+    def poll_serial(self) -> str:
+        """New serial output since the last call (also passed to on_serial)."""
+        try:
+            with open(self.serial_log, "rb") as f:
+                f.seek(self._serial_pos)
+                data = f.read()
+        except FileNotFoundError:
+            return ""
+        self._serial_pos += len(data)
+        text = data.decode(errors="replace")
+        self._serial_text = (self._serial_text + text)[-65536:]
+        if text and self.on_serial:
+            self.on_serial(text)
+        return text
+
+    def serial_tail(self, lines: int = TAIL_LINES) -> str:
+        self.poll_serial()
+        return "\n".join(self._serial_text.replace("\r", "").splitlines()[-lines:])
+
+    def wait_ready(self) -> float:
+        """Wait for the ready text on the serial console; seconds it took.
+
+        Raises:
+            BootError: QEMU exited first, or the timeout passed (the serial tail is in the
+                message).
+        """
+        assert self.proc is not None
+        started = time.monotonic()
+        ready = self.options.ready
+        while True:
+            self.poll_serial()
+            if ready is None or ready in self._serial_text:
+                return time.monotonic() - started
+            if self.proc.poll() is not None:
+                raise BootError(f"the VM stopped before it was ready ({self._qemu_error()}); "
+                                f"last serial output:\n{self.serial_tail()}")
+            if time.monotonic() - started > self.options.timeout:
+                raise BootError(f"the VM was not ready after {self.options.timeout:.0f} s "
+                                f"(waiting for {ready!r}); last serial output:\n"
+                                f"{self.serial_tail()}",
+                                hint="raise --timeout, or check that the image boots")
+            time.sleep(0.05)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for QEMU to exit (the guest powered off); its exit code, None on timeout."""
+        assert self.proc is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.proc.poll() is None:
+            self.poll_serial()
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+        self.poll_serial()
+        return self.proc.returncode
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pid": self.proc.pid if self.proc else None,
+                               "qmp_socket": str(self.qmp_path),
+                               "serial_log": str(self.serial_log),
+                               "accel": self.options.accel.name, "vnc": None}
+        if self.qmp is not None and self.options.vnc != "none":
+            try:
+                vnc = self.qmp.execute("query-vnc")
+                if vnc.get("enabled"):
+                    port = int(vnc["service"])
+                    out["vnc"] = {"host": vnc["host"], "port": port, "display": f":{port - 5900}"}
+            except QMPError:
+                pass
+        return out
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Power down politely, then firmly; always leaves no QEMU process behind."""
+        proc = self.proc
+        try:
+            if proc is not None and proc.poll() is None:
+                if self.qmp is not None:
+                    try:
+                        self.qmp.execute("system_powerdown")
+                    except QMPError:
+                        pass
+                    if self.wait(grace) is None:
+                        try:
+                            self.qmp.execute("quit")
+                        except QMPError:
+                            pass
+                if self.wait(5) is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        finally:
+            if self.qmp is not None:
+                self.qmp.close()
+                self.qmp = None
+            if proc is not None and proc.poll() is None:  # an exception above: still certain
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self) -> Machine:
+        try:
+            self.start()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=self.grace)
+
+
+def _escape(path: Path) -> str:
+    """QEMU option values use ',' as separator; a literal comma is written twice."""
+    return str(path).replace(",", ",,")
