@@ -8,9 +8,11 @@ from pathlib import Path
 
 import click
 
+from vmsynth import guest
 from vmsynth.apply import apply
 
 from . import console
+from .boot import print_check
 from .options import base_option, file_size, json_option, open_base, open_input
 
 
@@ -25,8 +27,12 @@ Examples:
               help="The rebuilt disk (qcow2).")
 @click.option("--flatten", is_flag=True,
               help="Write a standalone image instead of a copy-on-write child of the base.")
+@click.option("--check", "check_image", is_flag=True,
+              help="Then check the result with libguestfs, as `vmsynth check` does (exit 19 "
+                   "if it fails; the result is kept for inspection).")
 @json_option
-def command(overlay: str, base_spec: str, output: str, flatten: bool, as_json: bool) -> None:
+def command(overlay: str, base_spec: str, output: str, flatten: bool, check_image: bool,
+            as_json: bool) -> None:
     """Rebuild a disk from a base and an overlay (- reads the overlay from standard input).
 
     By default the result is a qcow2 child whose backing file is the base: the base is only
@@ -45,9 +51,14 @@ def command(overlay: str, base_spec: str, output: str, flatten: bool, as_json: b
 
             report = apply(source, base, Path(output), flatten, advance)
     elapsed = time.monotonic() - started
+    checked = guest.check(Path(output)) if check_image else None
     if as_json:
-        console.emit_json(dataclasses.asdict(report) | {"seconds": round(elapsed, 3)})
+        extra = {"check": {"ok": checked.ok, "filesystems": [vars(f) for f in checked.filesystems],
+                           "operating_systems": checked.operating_systems}} if checked else {}
+        console.emit_json(dataclasses.asdict(report) | {"seconds": round(elapsed, 3)} | extra)
         return
     kind = "standalone image" if flatten else f"child of {base.path}"
     console.err.print(f"{output}: {console.human(report.virtual_size)} disk ({kind}), "
                       f"{report.replay.frames} frames verified in {elapsed:.2f} s")
+    if checked:
+        print_check(checked)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import click
 from rich.table import Table
 
+from vmsynth import guest
+from vmsynth.apply import apply
 from vmsynth.errors import BadInputError
 from vmsynth.verify import describe
 
 from . import console
-from .options import json_option
+from .options import json_option, open_base
 
 
 def _seconds(s: float) -> str:
@@ -21,18 +24,31 @@ def _seconds(s: float) -> str:
 @click.command("inspect", epilog="""\b
 Examples:
   vmsynth inspect app.vmo
+  vmsynth inspect app.vmo --files --base ubuntu-22.04@2.3.1 --top 10
   vmsynth inspect app.vmo --json | jq .sizes.overlay""")
 @click.argument("overlay", type=click.Path(dir_okay=False))
+@click.option("--files", is_flag=True,
+              help="Also list the guest files the overlay changes, largest first (needs --base; "
+                   "uses libguestfs).")
+@click.option("--base", "base_spec", metavar="BASE", help="The base, for --files.")
+@click.option("--top", default=20, show_default=True, type=click.IntRange(1),
+              help="How many files --files lists.")
 @json_option
-def command(overlay: str, as_json: bool) -> None:
+def command(overlay: str, files: bool, base_spec: str | None, top: int, as_json: bool) -> None:
     """Show what an overlay holds: version, base, sizes, block kinds, transfer times.
 
     Reads only the header and the index at the end of the file (use `verify` to check
-    every digest).
+    every digest). With --files --base BASE it rebuilds the disk in a scratch directory
+    and compares the guest's files with the base's, to show which files make it big.
     """
     if not Path(overlay).exists():
         raise BadInputError(f"{overlay}: no such file")
+    if files and not base_spec:
+        raise click.UsageError("--files needs --base")
     info = describe(Path(overlay))
+    if files:
+        assert base_spec is not None
+        info["files"] = [vars(f) for f in _changed_files(Path(overlay), base_spec, as_json)][:top]
     if as_json:
         console.emit_json(info)
         return
@@ -57,3 +73,17 @@ def command(overlay: str, as_json: bool) -> None:
         table.add_row(f"transfer at {link.replace('Mbps', ' Mbps')}",
                       f"{_seconds(ov[link])} (full disk: {_seconds(full[link])})")
     console.out.print(table)
+    if files:
+        listing = Table("changed file", "size", "change", title="guest files, largest first")
+        for f in info["files"]:
+            listing.add_row(f["path"], console.human(f["size"]), f["change"])
+        console.out.print(listing)
+
+
+def _changed_files(overlay: Path, base_spec: str, as_json: bool) -> list[guest.ChangedFile]:
+    with open_base(base_spec, as_json) as base, tempfile.TemporaryDirectory(
+            prefix="vmsynth-files-") as scratch:
+        synth = Path(scratch) / "synth.qcow2"
+        with open(overlay, "rb") as source:
+            apply(source, base, synth)
+        return guest.changed_files(base.path, synth)

@@ -12,7 +12,7 @@ import click
 from vmsynth import __version__
 from vmsynth.errors import ExitCode, VmsynthError
 
-from . import apply, base, create, inspect, verify
+from . import apply, base, boot, create, inspect, verify
 
 EPILOG = """\b
 Examples:
@@ -44,6 +44,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 for module in (create, apply, verify, inspect):
     cli.add_command(module.command)
 cli.add_command(base.group)
+for command in (boot.boot, boot.run, boot.check):
+    cli.add_command(command)
 
 
 def _wants_json(argv: list[str]) -> bool:

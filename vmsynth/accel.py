@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import bases
 from .errors import AccelError
 from .store import write_atomic
 
@@ -110,6 +109,14 @@ def _host_key() -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
+def host_cache() -> Path:
+    """Facts about this host, shared by every $VMSYNTH_HOME (they do not depend on it)."""
+    env = os.environ.get("VMSYNTH_HOST_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmsynth" / "host"
+
+
 def choose(requested: str = "auto") -> Accel:
     """Pick the accelerator for `requested` in auto | kvm | tcg.
 
@@ -118,7 +125,7 @@ def choose(requested: str = "auto") -> Accel:
     """
     if requested == "tcg":
         return Accel("tcg", "asked for")
-    cache = bases.home() / "host" / f"accel-{_host_key()}.json"
+    cache = host_cache() / f"accel-{_host_key()}.json"
     try:
         works, why = json.loads(cache.read_text())
     except (OSError, ValueError):

@@ -1,0 +1,64 @@
+"""Soft-state sessions: a per-user working directory that leaves nothing behind.
+
+`vmsynth run` rebuilds the user's disk into a session directory, boots it, and when the VM
+ends scrubs the directory: every file is overwritten with zeros and synced before it is
+unlinked (QEMU has exited by then, so no open handle keeps the old bytes alive).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bases
+
+SCRUB_CHUNK = 1 << 20
+
+
+@dataclass
+class Session:
+    id: str
+    dir: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.dir / "disk.qcow2"
+
+
+def new() -> Session:
+    sid = secrets.token_hex(6)
+    folder = bases.home() / "sessions" / sid
+    folder.mkdir(parents=True, mode=0o700)
+    os.chmod(folder, 0o700)  # the user's data: nobody else reads it while the VM runs
+    return Session(sid, folder)
+
+
+def scrub_file(path: Path) -> None:
+    """Overwrite a file's bytes with zeros, sync, then unlink it."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        zeros = bytes(SCRUB_CHUNK)
+        for offset in range(0, size, SCRUB_CHUNK):
+            os.pwrite(fd, zeros[: min(SCRUB_CHUNK, size - offset)], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.unlink()
+
+
+def destroy(session: Session) -> None:
+    """Scrub and remove everything in the session directory."""
+    if not session.dir.exists():
+        return
+    for path in sorted(session.dir.rglob("*"), key=lambda p: -len(p.parts)):
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            scrub_file(path) if path.is_file() else path.unlink()
+    session.dir.rmdir()
