@@ -42,7 +42,7 @@ $(VENV)/.installed: pyproject.toml $(BUILD)/apt.stamp
 
 setup: $(VENV)/.installed  ## install Debian packages and the virtualenv (.venv)
 
-demo: setup  ## build a tiny VM, make an overlay, verify, inspect, apply, compare
+demo: setup  ## build a tiny VM; create, verify, inspect, apply an overlay; boot the result
 	bash fixtures/build-guest.sh $(DEMO)
 	@rm -rf $(DEMO_HOME) $(DEMO)/app.vmo $(DEMO)/synth.qcow2
 	@export VMSYNTH_HOME=$(DEMO_HOME); set -e; \
@@ -58,7 +58,11 @@ demo: setup  ## build a tiny VM, make an overlay, verify, inspect, apply, compar
 	$(VMSYNTH) apply $(DEMO)/app.vmo --base demo-base@1.0 -o $(DEMO)/synth.qcow2; \
 	echo "== qemu-img compare app.qcow2 synth.qcow2"; \
 	qemu-img compare $(DEMO)/app.qcow2 $(DEMO)/synth.qcow2; \
-	qemu-img check -q $(DEMO)/synth.qcow2 && echo "qemu-img check: clean"
+	qemu-img check -q $(DEMO)/synth.qcow2 && echo "qemu-img check: clean"; \
+	echo "== vmsynth boot synth.qcow2 (the guest prints /marker.txt from the synthesized disk)"; \
+	$(VMSYNTH) boot $(DEMO)/synth.qcow2 --kernel $(DEMO)/kernel --initrd $(DEMO)/initramfs.cpio.gz \
+		--append "console=ttyS0 quiet panic=-1" --memory 256M --vnc none \
+		--ready VMSYNTH-MARKER-END --serial - --timeout 120
 
 test: setup  ## run the whole test suite (real qemu-img included)
 	$(PY) -m pytest tests
