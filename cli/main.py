@@ -24,7 +24,8 @@ Examples:
 Exit codes: 0 ok, 1 internal error, 2 usage, 10 base mismatch, 11 over budget,
 12 unsupported format, 13 corrupt overlay, 14 tool missing or failed,
 15 boot failed, 16 bad input, 17 cannot write output, 18 accelerator
-unavailable, 19 image check failed, 130 interrupted."""
+unavailable, 19 image check failed, 20 key missing or wrong, 21 base busy,
+130 interrupted."""
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})

@@ -133,8 +133,9 @@ def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
         if not flatten:
             report = rebuild(overlay, base, tmp, progress)
         else:
-            fd, child_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".child",
-                                              dir=output.parent)
+            # Named like atomic_path's temporaries, so a killed run's leftover is cleaned too.
+            fd, child_name = tempfile.mkstemp(prefix=f".{output.name}.{os.getpid()}.",
+                                              suffix=".child.tmp", dir=output.parent)
             os.close(fd)
             child = Path(child_name)
             try:

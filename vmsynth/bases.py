@@ -9,6 +9,7 @@ keyed by the file's path and stat, so later commands cost nothing for an unchang
 from __future__ import annotations
 
 import bisect
+import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import xxhash
 
 from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
-from .errors import BadInputError, BaseMismatchError, UsageError, VmsynthError
+from .errors import BadInputError, BaseMismatchError, BusyError, UsageError, VmsynthError
 from .qcow2 import Image, Qcow2Image
 from .store import write_atomic
 
@@ -121,9 +122,13 @@ class Base:
     image: Image
     identity: Identity
     index: BlockIndex
+    lock: int | None = None  # fd holding a shared lock on the cache entry, if any
 
     def close(self) -> None:
         self.image.close()
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     def check_matches(self, wanted: dict[str, object]) -> None:
         """Refuse unless this base's contents are the ones an overlay was made for."""
@@ -190,14 +195,33 @@ def _entry_file(name: str, version: str) -> Path:
     return home() / "bases" / f"{name}@{version}.json"
 
 
+def _lock(entry: Path, exclusive: bool, what: str) -> int:
+    """Lock a cache entry: shared while a base is in use, exclusive to change or remove it.
+
+    flock locks vanish with their process, so a killed vmsynth never leaves one behind.
+    """
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(entry.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BusyError(f"base {entry.stem} is {what}",
+                        hint="wait for the other vmsynth command to finish") from None
+    return fd
+
+
 def add(path: Path, name: str, version: str, progress: Progress | None = None) -> Base:
     """Record a base in the cache (the image stays where it is; the cache keeps its identity)."""
     entry = _entry_file(name, version)
-    base = load_path(path, name, version, progress)
-    _, stat = _stat_key(base.path)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    record = asdict(base.identity) | {"path": str(base.path), "stat": stat}
-    write_atomic(entry, json.dumps(record, indent=2).encode())
+    lock = _lock(entry, exclusive=True, what="in use by another vmsynth process")
+    try:
+        base = load_path(path, name, version, progress)
+        _, stat = _stat_key(base.path)
+        record = asdict(base.identity) | {"path": str(base.path), "stat": stat}
+        write_atomic(entry, json.dumps(record, indent=2).encode())
+    finally:
+        os.close(lock)
     return base
 
 
@@ -213,38 +237,66 @@ def entries() -> list[dict[str, object]]:
 
 
 def remove(name: str, version: str) -> None:
+    """Forget a base; refused while another vmsynth process uses it."""
     entry = _entry_file(name, version)
     if not entry.exists():
         raise BaseMismatchError(f"no base {name}@{version} in the cache ({home()})",
                                 hint="`vmsynth base list` shows what is there")
-    entry.unlink()
+    lock = _lock(entry, exclusive=True, what="in use by another vmsynth process; not removed")
+    try:
+        entry.unlink(missing_ok=True)
+    finally:
+        os.close(lock)
 
 
 def resolve(spec: str, progress: Progress | None = None) -> Base:
-    """`--base` accepts NAME@VERSION from the cache, or a path to an image."""
+    """`--base` accepts NAME@VERSION from the cache, or a path to an image.
+
+    A cached base stays locked (shared) until the returned Base is closed, so `base rm`
+    cannot remove it while it is in use.
+    """
     path = Path(spec)
     if "@" in spec and not path.exists():
         name, _, version = spec.partition("@")
         entry = _entry_file(name, version)
         if not entry.exists():
-            raise BaseMismatchError(f"no base {spec} in the cache ({home()})",
-                                    hint="add it with `vmsynth base add IMAGE --name N "
-                                         "--version V`, or pass the image's path")
-        record = json.loads(entry.read_text())
-        image_path = Path(record["path"])
-        if not image_path.exists():
-            raise BadInputError(f"base {spec}: its image {image_path} is gone",
-                                hint=f"restore it, or `vmsynth base rm {spec}`")
-        _, stat = _stat_key(image_path)
-        if stat != record["stat"]:
-            raise BaseMismatchError(f"base {spec}: {image_path} changed since it was added",
-                                    hint="a base must never change; add the new file as a new "
-                                         "version with `vmsynth base add`")
-        base = load_path(image_path, name, version, progress)
-        if base.identity.digest != record["digest"]:
-            base.close()
-            raise BaseMismatchError(f"base {spec}: contents differ from when it was added")
+            raise _not_cached(spec)
+        lock = _lock(entry, exclusive=False, what="being changed by another vmsynth process")
+        try:
+            base = _open_entry(spec, entry, name, version, progress)
+        except BaseException:
+            os.close(lock)
+            raise
+        base.lock = lock
         return base
     if not path.exists():
         raise BadInputError(f"base {spec}: no such file, and not a NAME@VERSION in the cache")
     return load_path(path, progress=progress)
+
+
+def _not_cached(spec: str) -> BaseMismatchError:
+    return BaseMismatchError(f"no base {spec} in the cache ({home()})",
+                             hint="add it with `vmsynth base add IMAGE --name N --version V`, "
+                                  "or pass the image's path")
+
+
+def _open_entry(spec: str, entry: Path, name: str, version: str,
+                progress: Progress | None) -> Base:
+    try:
+        record = json.loads(entry.read_text())
+    except FileNotFoundError:
+        raise _not_cached(spec) from None  # removed just before we locked it
+    image_path = Path(record["path"])
+    if not image_path.exists():
+        raise BadInputError(f"base {spec}: its image {image_path} is gone",
+                            hint=f"restore it, or `vmsynth base rm {spec}`")
+    _, stat = _stat_key(image_path)
+    if stat != record["stat"]:
+        raise BaseMismatchError(f"base {spec}: {image_path} changed since it was added",
+                                hint="a base must never change; add the new file as a new "
+                                     "version with `vmsynth base add`")
+    base = load_path(image_path, name, version, progress)
+    if base.identity.digest != record["digest"]:
+        base.close()
+        raise BaseMismatchError(f"base {spec}: contents differ from when it was added")
+    return base

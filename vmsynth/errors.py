@@ -25,6 +25,8 @@ class ExitCode(IntEnum):
     WRITE_FAILED = 17  # could not write the output (disk full, permissions)
     ACCEL_UNAVAILABLE = 18  # the requested accelerator (KVM) is missing or does not work here
     CHECK_FAILED = 19  # an image failed its check: no filesystem, or fsck found errors
+    KEY = 20  # an encrypted overlay and no key, or the wrong key
+    BUSY = 21  # a cached base is in use by another vmsynth process
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -85,3 +87,13 @@ class AccelError(VmsynthError):
 
 class CheckFailedError(VmsynthError):
     exit_code = ExitCode.CHECK_FAILED
+
+
+class WrongKeyError(VmsynthError):
+    """An encrypted overlay, and no key or the wrong one."""
+
+    exit_code = ExitCode.KEY
+
+
+class BusyError(VmsynthError):
+    exit_code = ExitCode.BUSY

@@ -1,4 +1,10 @@
-"""Writing files so that a crash or an error never leaves a half-written file under its name."""
+"""Writing files so that a crash or an error never leaves a half-written file under its name.
+
+Outputs are written to a temporary name beside the final one (same filesystem, so the final
+rename is atomic) and renamed only when complete and synced. A process killed mid-way leaves
+only its temporary file, named with its PID; the next write to the same name removes such
+leftovers of dead processes.
+"""
 
 from __future__ import annotations
 
@@ -19,23 +25,69 @@ def write_error(path: Path | str, err: OSError) -> WriteError:
     return WriteError(f"{path}: cannot write: {err.strerror or err}")
 
 
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it into place only if the block succeeds."""
-    final = Path(final)
+def _umask() -> int:
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp",
-                                        dir=final.parent or ".")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Delete temporary files for `final` left by processes that no longer exist."""
+    for leftover in final.parent.glob(f".{final.name}.*.tmp"):
+        parts = leftover.name[len(final.name) + 2:].split(".")
+        if parts and parts[0].isdigit() and not _alive(int(parts[0])):
+            leftover.unlink(missing_ok=True)
+
+
+def _sync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, private: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
+
+    `private` keeps the result readable by its owner only (decrypted user data).
+    """
+    final = Path(final)
+    folder = final.parent
+    remove_stale_temps(final)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp",
+                                        dir=folder)
     except OSError as err:
         raise write_error(final, err) from err
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result gets the usual mode
+    if not private:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets the usual mode
     try:
         yield tmp
         os.replace(tmp, final)
+        _sync_dir(folder)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise write_error(final, err) from err
