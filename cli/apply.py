@@ -13,7 +13,15 @@ from vmsynth.apply import apply
 
 from . import console
 from .boot import print_check
-from .options import base_option, file_size, json_option, open_base, open_input
+from .options import (
+    base_option,
+    file_size,
+    json_option,
+    key_file_option,
+    open_base,
+    open_input,
+    read_key,
+)
 
 
 @click.command("apply", epilog="""\b
@@ -30,9 +38,10 @@ Examples:
 @click.option("--check", "check_image", is_flag=True,
               help="Then check the result with libguestfs, as `vmsynth check` does (exit 19 "
                    "if it fails; the result is kept for inspection).")
+@key_file_option
 @json_option
 def command(overlay: str, base_spec: str, output: str, flatten: bool, check_image: bool,
-            as_json: bool) -> None:
+            key_file: str | None, as_json: bool) -> None:
     """Rebuild a disk from a base and an overlay (- reads the overlay from standard input).
 
     By default the result is a qcow2 child whose backing file is the base: the base is only
@@ -49,7 +58,7 @@ def command(overlay: str, base_spec: str, output: str, flatten: bool, check_imag
                 done += n
                 update(done, max(total, done))
 
-            report = apply(source, base, Path(output), flatten, advance)
+            report = apply(source, base, Path(output), flatten, advance, read_key(key_file))
     elapsed = time.monotonic() - started
     checked = guest.check(Path(output)) if check_image else None
     if as_json:

@@ -17,13 +17,14 @@ from vmsynth.errors import OverBudgetError
 from vmsynth.store import atomic_path
 
 from . import console
-from .options import base_option, json_option, open_base, open_disk
+from .options import base_option, json_option, key_file_option, new_key, open_base, open_disk
 
 
 @click.command("create", epilog="""\b
 Examples:
   vmsynth create --base base.qcow2 --disk app.qcow2 -o app.vmo
   vmsynth create --base ubuntu-22.04@2.3.1 --disk app.qcow2 -o app.vmo --max-size 250M
+  vmsynth create --base base.qcow2 --disk app.qcow2 -o app.vmo --encrypt --key-file app.key
   vmsynth create --base base.qcow2 --disk app.qcow2 -o - | ssh cloudlet vmsynth apply - ...""")
 @base_option
 @click.option("--disk", "disk", required=True, type=click.Path(dir_okay=False),
@@ -34,9 +35,13 @@ Examples:
               help="zstd compression level (19 for the smallest overlay, slower).")
 @click.option("--max-size", type=console.SizeParam(), default=None,
               help="Fail (exit 11) instead of writing an overlay larger than this, e.g. 250M.")
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt with AES-256-GCM: key from --key-file, else a passphrase from "
+                   "$VMSYNTH_PASSPHRASE or a prompt.")
+@key_file_option
 @json_option
 def command(base_spec: str, disk: str, output: str, level: int, max_size: int | None,
-            as_json: bool) -> None:
+            encrypt: bool, key_file: str | None, as_json: bool) -> None:
     """Make an overlay: the difference between a base disk and a customized disk.
 
     A qcow2 child of the base is diffed by reading only the clusters it allocated; any
@@ -45,6 +50,7 @@ def command(base_spec: str, disk: str, output: str, level: int, max_size: int | 
     edited blocks are stored as deltas against the base; the rest is zstd-compressed.
     """
     started = time.monotonic()
+    key = new_key(key_file) if encrypt or key_file else None
     with open_base(base_spec, as_json) as base, open_disk(disk) as image:
         if output != "-":
             for path, what in ((base.path, "base"), (Path(disk), "disk")):
@@ -53,19 +59,19 @@ def command(base_spec: str, disk: str, output: str, level: int, max_size: int | 
                                              "overwrite it", param_hint="-o/--output")
         with console.progress("diffing", 1, enabled=not as_json) as update:
             if output == "-" and max_size is None:
-                report = create(base, image, sys.stdout.buffer, level, update)
+                report = create(base, image, sys.stdout.buffer, level, update, key)
             elif output == "-":
                 # With a budget the overlay waits in a temporary file until its size is
                 # known: an oversized one never reaches standard output.
                 with tempfile.TemporaryFile() as f:
-                    report = create(base, image, f, level, update)
+                    report = create(base, image, f, level, update, key)
                     _check_budget(report.overlay_bytes, max_size)
                     f.seek(0)
                     shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
                     sys.stdout.buffer.flush()
             else:
-                with atomic_path(Path(output)) as tmp, open(tmp, "wb") as f:
-                    report = create(base, image, f, level, update)
+                with atomic_path(Path(output), private=key is not None) as tmp, open(tmp, "wb") as f:
+                    report = create(base, image, f, level, update, key)
                     _check_budget(report.overlay_bytes, max_size)
                     f.flush()
                     os.fsync(f.fileno())  # durable before the rename makes it visible

@@ -11,10 +11,11 @@ from rich.table import Table
 from vmsynth import guest
 from vmsynth.apply import apply
 from vmsynth.errors import BadInputError
+from vmsynth.keys import Key
 from vmsynth.verify import describe
 
 from . import console
-from .options import json_option, open_base
+from .options import json_option, key_file_option, open_base, read_key
 
 
 def _seconds(s: float) -> str:
@@ -33,8 +34,10 @@ Examples:
 @click.option("--base", "base_spec", metavar="BASE", help="The base, for --files.")
 @click.option("--top", default=20, show_default=True, type=click.IntRange(1),
               help="How many files --files lists.")
+@key_file_option
 @json_option
-def command(overlay: str, files: bool, base_spec: str | None, top: int, as_json: bool) -> None:
+def command(overlay: str, files: bool, base_spec: str | None, top: int, key_file: str | None,
+            as_json: bool) -> None:
     """Show what an overlay holds: version, base, sizes, block kinds, transfer times.
 
     Reads only the header and the index at the end of the file (use `verify` to check
@@ -45,10 +48,12 @@ def command(overlay: str, files: bool, base_spec: str | None, top: int, as_json:
         raise BadInputError(f"{overlay}: no such file")
     if files and not base_spec:
         raise click.UsageError("--files needs --base")
-    info = describe(Path(overlay))
+    key = read_key(key_file)
+    info = describe(Path(overlay), key if key and (key.key_file or key.passphrase) else None)
     if files:
         assert base_spec is not None
-        info["files"] = [vars(f) for f in _changed_files(Path(overlay), base_spec, as_json)][:top]
+        info["files"] = [vars(f) for f in _changed_files(Path(overlay), base_spec, key,
+                                                         as_json)][:top]
     if as_json:
         console.emit_json(info)
         return
@@ -64,10 +69,17 @@ def command(overlay: str, files: bool, base_spec: str | None, top: int, as_json:
     table.add_row("payload", f"{console.human(sizes['payload_uncompressed'])} uncompressed, "
                   f"{console.human(sizes['payload_stored'])} stored "
                   f"(ratio {info['compression_ratio']})")
-    table.add_row("blocks (4 KiB)", f"{blocks.get('data', 0)} new, {blocks.get('delta', 0)} delta, "
-                  f"{blocks.get('copy', 0)} deduped, {blocks.get('base', 0)} from base, "
-                  f"{blocks.get('zero', 0)} zero")
+    if info["encrypted"] and not blocks:
+        table.add_row("blocks (4 KiB)", "sealed (encrypted; give the key to see them)")
+    else:
+        table.add_row("blocks (4 KiB)", f"{blocks.get('data', 0)} new, {blocks.get('delta', 0)} delta, "
+                      f"{blocks.get('copy', 0)} deduped, {blocks.get('base', 0)} from base, "
+                      f"{blocks.get('zero', 0)} zero")
     table.add_row("frames", str(info["frames"]))
+    if info["encrypted"]:
+        kdf = info["encryption"]["kdf"].get("name")
+        table.add_row("encryption", f"{info['encryption']['cipher']}, "
+                      f"{'key file' if kdf == 'none' else kdf + ' passphrase'}")
     ov, full = info["transfer_seconds"]["overlay"], info["transfer_seconds"]["full_disk"]
     for link in ov:
         table.add_row(f"transfer at {link.replace('Mbps', ' Mbps')}",
@@ -80,10 +92,11 @@ def command(overlay: str, files: bool, base_spec: str | None, top: int, as_json:
         console.out.print(listing)
 
 
-def _changed_files(overlay: Path, base_spec: str, as_json: bool) -> list[guest.ChangedFile]:
+def _changed_files(overlay: Path, base_spec: str, key: Key | None,
+                   as_json: bool) -> list[guest.ChangedFile]:
     with open_base(base_spec, as_json) as base, tempfile.TemporaryDirectory(
             prefix="vmsynth-files-") as scratch:
         synth = Path(scratch) / "synth.qcow2"
         with open(overlay, "rb") as source:
-            apply(source, base, synth)
+            apply(source, base, synth, key=key)
         return guest.changed_files(base.path, synth)

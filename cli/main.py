@@ -12,7 +12,7 @@ import click
 from vmsynth import __version__
 from vmsynth.errors import ExitCode, VmsynthError
 
-from . import apply, base, boot, create, inspect, verify
+from . import apply, base, boot, create, inspect, keygen, verify
 
 EPILOG = """\b
 Examples:
@@ -42,7 +42,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-for module in (create, apply, verify, inspect):
+for module in (create, apply, verify, inspect, keygen):
     cli.add_command(module.command)
 cli.add_command(base.group)
 for command in (boot.boot, boot.run, boot.check):

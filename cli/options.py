@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import click
 from vmsynth import bases
 from vmsynth.bases import Base
 from vmsynth.errors import BadInputError
+from vmsynth.keys import Key, read_key_file
 from vmsynth.qcow2 import Qcow2Image
 
 from . import console
@@ -61,3 +63,36 @@ def open_disk(path: str) -> Iterator[Qcow2Image]:
 
 def file_size(path: str) -> int:
     return Path(path).stat().st_size if path != "-" else 0
+
+
+PASSPHRASE_ENV = "VMSYNTH_PASSPHRASE"
+key_file_option = click.option(
+    "--key-file", type=click.Path(dir_okay=False), metavar="FILE",
+    help=f"Key for an encrypted overlay (32 bytes, from `vmsynth keygen`); otherwise the "
+         f"passphrase comes from ${PASSPHRASE_ENV} or a prompt.")
+
+
+def read_key(key_file: str | None) -> Key | None:
+    """The key a reading command has: a key file, $VMSYNTH_PASSPHRASE, or a prompt if asked."""
+    if key_file:
+        return Key(key_file=read_key_file(Path(key_file)))
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    if passphrase:
+        return Key(passphrase=passphrase)
+    if sys.stdin.isatty():
+        return Key(ask=lambda: click.prompt("passphrase", hide_input=True, err=True))
+    return None
+
+
+def new_key(key_file: str | None) -> Key:
+    """The key `create --encrypt` seals with."""
+    if key_file:
+        return Key(key_file=read_key_file(Path(key_file)))
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    if passphrase:
+        return Key(passphrase=passphrase)
+    if sys.stdin.isatty():
+        return Key(passphrase=click.prompt("passphrase", hide_input=True,
+                                           confirmation_prompt=True, err=True))
+    raise click.UsageError(f"--encrypt needs --key-file FILE or ${PASSPHRASE_ENV} "
+                           "(a passphrase is never taken on the command line)")

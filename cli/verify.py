@@ -9,7 +9,7 @@ import click
 from vmsynth.verify import verify
 
 from . import console
-from .options import file_size, json_option, open_base, open_input
+from .options import file_size, json_option, key_file_option, open_base, open_input, read_key
 
 
 @click.command("verify", epilog="""\b
@@ -19,14 +19,17 @@ Examples:
 
 \b
 Exit codes: 0 ok, 10 base mismatch, 11 over budget, 12 unsupported format
-version, 13 corrupt or truncated, 16 missing file, 2 usage error.""")
+version, 13 corrupt or truncated, 16 missing file, 20 key missing or
+wrong, 2 usage error.""")
 @click.argument("overlay")
 @click.option("--base", "base_spec", metavar="BASE",
               help="Also check the overlay fits this base and rebuilds to the recorded digest.")
 @click.option("--max-size", type=console.SizeParam(), default=None,
               help="Fail (exit 11) if the overlay is larger than this, e.g. 250M.")
+@key_file_option
 @json_option
-def command(overlay: str, base_spec: str | None, max_size: int | None, as_json: bool) -> None:
+def command(overlay: str, base_spec: str | None, max_size: int | None, key_file: str | None,
+            as_json: bool) -> None:
     """Check an overlay: structure and every digest; optionally its base and a size budget.
 
     This is the step a CI pipeline gates on: each failure has its own exit code.
@@ -43,7 +46,7 @@ def command(overlay: str, base_spec: str | None, max_size: int | None, as_json: 
             done += n
             update(done, max(total, done))
 
-        report = verify(source, base, max_size, advance)
+        report = verify(source, base, max_size, advance, read_key(key_file))
     checks = {"structure": "ok", "digests": "ok",
               "base": "ok" if report.base_checked else "skipped (no --base)",
               "budget": "ok" if max_size is not None else "skipped (no --max-size)"}

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from vmsynth.errors import CorruptOverlayError, UnsupportedFormatError
+from vmsynth.errors import CorruptOverlayError, UnsupportedFormatError, WrongKeyError
 
 from .frames import EncodedFrame, FrameHead, parse_frame_head
 from .layout import (
@@ -33,7 +33,9 @@ from .layout import (
     SUMMARY_TAG,
     TRAILER,
     TRAILER_MAGIC,
+    Incompat,
 )
+from .seal import Sealer
 
 
 def canonical_json(value: Any) -> bytes:
@@ -49,6 +51,11 @@ class Header:
     compat: int
     manifest: dict[str, Any]
     length: int
+    digest: bytes  # SHA-256 of the header: sealed frames are bound to it
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.incompat & Incompat.ENCRYPTED)
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,8 @@ class IndexEntry:
 
 @dataclass(frozen=True)
 class Footer:
-    summary: dict[str, Any]
+    summary: dict[str, Any] | None  # None while sealed: see `open_summary`
+    sealed_summary: bytes | None
     index: list[IndexEntry]
     summary_offset: int
     file_length: int
@@ -79,6 +87,7 @@ class OverlayWriter:
         self._out = out
         self._offset = 0
         self._index: list[IndexEntry] = []
+        self.header_digest = b""
 
     @property
     def bytes_written(self) -> int:
@@ -92,7 +101,8 @@ class OverlayWriter:
         body = canonical_json(manifest)
         length = HEADER.size + len(body) + DIGEST_SIZE
         head = HEADER.pack(MAGIC, MAJOR, MINOR, length, incompat, compat, len(body), 0) + body
-        self._write(head + hashlib.sha256(head).digest())
+        self.header_digest = hashlib.sha256(head).digest()
+        self._write(head + self.header_digest)
 
     def write_frame(self, frame: EncodedFrame) -> None:
         h = frame.head
@@ -101,8 +111,10 @@ class OverlayWriter:
                                       h.digest))
         self._write(frame.blob)
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any], sealer: Sealer | None = None) -> None:
         body = canonical_json(summary)
+        if sealer is not None:
+            body = sealer.seal_summary(body, len(self._index))
         summary_offset = self._offset
         tail = bytearray(SECTION.pack(SUMMARY_TAG, len(body)) + body)
         index_offset = summary_offset + len(tail)
@@ -159,10 +171,10 @@ def parse_header(stream: BinaryIO) -> Header:
         raise CorruptOverlayError(f"overlay manifest is not valid JSON: {err}") from err
     if not isinstance(manifest, dict):
         raise CorruptOverlayError("overlay manifest is not a JSON object")
-    return Header(major, minor, incompat, compat, manifest, length)
+    return Header(major, minor, incompat, compat, manifest, length, digest)
 
 
-def _parse_footer(tail: bytes, summary_offset: int, file_length: int) -> Footer:
+def _parse_footer(tail: bytes, summary_offset: int, file_length: int, sealed: bool) -> Footer:
     """Parse summary + index + trailer bytes (`tail` runs from the summary to EOF)."""
     body, trailer = tail[: -TRAILER.size], tail[-TRAILER.size:]
     magic, s_off, i_off, length, digest = TRAILER.unpack(trailer)
@@ -178,12 +190,8 @@ def _parse_footer(tail: bytes, summary_offset: int, file_length: int) -> Footer:
     if tag != SUMMARY_TAG or 2 * SECTION.size + summary_len > len(body) or \
             i_off != s_off + SECTION.size + summary_len:
         raise CorruptOverlayError("overlay summary section is malformed")
-    try:
-        summary = json.loads(body[SECTION.size: SECTION.size + summary_len])
-    except ValueError as err:
-        raise CorruptOverlayError(f"overlay summary is not valid JSON: {err}") from err
-    if not isinstance(summary, dict):
-        raise CorruptOverlayError("overlay summary is not a JSON object")
+    summary_bytes = body[SECTION.size: SECTION.size + summary_len]
+    summary = None if sealed else _summary_json(summary_bytes)
     pos = SECTION.size + summary_len
     tag, count = SECTION.unpack_from(body, pos)
     pos += SECTION.size
@@ -193,10 +201,30 @@ def _parse_footer(tail: bytes, summary_offset: int, file_length: int) -> Footer:
     for off, stored, raw, recs, stream, codec, _, start, end, dg in INDEX_ENTRY.iter_unpack(
             body[pos:]):
         index.append(IndexEntry(off, stored, raw, recs, stream, codec, start, end, dg))
-    return Footer(summary, index, summary_offset, file_length)
+    return Footer(summary, summary_bytes if sealed else None, index, summary_offset, file_length)
 
 
-def read_footer(f: BinaryIO) -> Footer:
+def _summary_json(raw: bytes) -> dict[str, Any]:
+    try:
+        summary = json.loads(raw)
+    except ValueError as err:
+        raise CorruptOverlayError(f"overlay summary is not valid JSON: {err}") from err
+    if not isinstance(summary, dict):
+        raise CorruptOverlayError("overlay summary is not a JSON object")
+    return summary
+
+
+def open_summary(footer: Footer, sealer: Sealer | None) -> dict[str, Any]:
+    """The summary, unsealing it with `sealer` when the overlay is encrypted."""
+    if footer.summary is not None:
+        return footer.summary
+    assert footer.sealed_summary is not None
+    if sealer is None:
+        raise WrongKeyError("the overlay's summary is encrypted and no key was given")
+    return _summary_json(sealer.open_summary(footer.sealed_summary, len(footer.index)))
+
+
+def read_footer(f: BinaryIO, sealed: bool = False) -> Footer:
     """Read summary and index from the end of a seekable overlay, without reading frames."""
     size = f.seek(0, 2)
     if size < TRAILER.size:
@@ -209,7 +237,7 @@ def read_footer(f: BinaryIO) -> Footer:
     if not 0 < s_off < size - TRAILER.size or size - s_off > MAX_SUMMARY + (64 << 20):
         raise CorruptOverlayError("overlay trailer points outside the file")
     f.seek(s_off)
-    return _parse_footer(f.read(size - s_off), s_off, size)
+    return _parse_footer(f.read(size - s_off), s_off, size, sealed)
 
 
 @dataclass
@@ -270,7 +298,7 @@ class OverlayStream:
         if self.stream.read(1):
             raise CorruptOverlayError("overlay has unexpected bytes after its trailer")
         tail = SECTION.pack(tag, summary_len) + summary + index_head + entries + trailer
-        footer = _parse_footer(tail, start, start + len(tail))
+        footer = _parse_footer(tail, start, start + len(tail), self.header.encrypted)
         for entry, (offset, head) in zip(footer.index, seen, strict=True):
             if (entry.offset, entry.digest, entry.stored_length) != \
                     (offset, head.digest, head.stored_length):

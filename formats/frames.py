@@ -17,15 +17,18 @@ from vmsynth.errors import CorruptOverlayError, UnsupportedFormatError
 
 from .layout import (
     FRAME,
+    FRAME_ENCRYPTED,
     FRAME_TAG,
     KNOWN_FRAME_FLAGS,
     MAX_FRAME_RAW,
     MAX_FRAME_RECORDS,
     RECORD,
+    TAG_SIZE,
     Codec,
     Kind,
     Stream,
 )
+from .seal import Sealer
 
 
 class Record(NamedTuple):
@@ -62,8 +65,9 @@ class EncodedFrame:
 
 
 def encode_frame(seq: int, stream: Stream, records: Sequence[Record], data: Sequence[bytes],
-                 compressor: zstandard.ZstdCompressor | None) -> EncodedFrame:
-    """Pack records and their data; compress unless that does not make it smaller."""
+                 compressor: zstandard.ZstdCompressor | None,
+                 sealer: Sealer | None = None) -> EncodedFrame:
+    """Pack records and their data; compress unless that does not make it smaller; seal."""
     table = b"".join(RECORD.pack(r.kind, r.stored, r.target, r.length, r.source) for r in records)
     raw = table + b"".join(data)
     codec, stored = Codec.STORED, raw
@@ -71,9 +75,13 @@ def encode_frame(seq: int, stream: Stream, records: Sequence[Record], data: Sequ
         packed = compressor.compress(raw)
         if len(packed) < len(raw):
             codec, stored = Codec.ZSTD, packed
-    head_bytes = FRAME.pack(FRAME_TAG, stream, codec, 0, seq, len(records), len(stored), len(raw))
+    flags = FRAME_ENCRYPTED if sealer else 0
+    size = len(stored) + (TAG_SIZE if sealer else 0)
+    head_bytes = FRAME.pack(FRAME_TAG, stream, codec, flags, seq, len(records), size, len(raw))
+    if sealer:
+        stored = sealer.seal_frame(head_bytes, seq, stored)
     digest = hashlib.sha256(head_bytes + stored).digest()
-    head = FrameHead(stream, codec, 0, seq, len(records), len(stored), len(raw), digest)
+    head = FrameHead(stream, codec, flags, seq, len(records), size, len(raw), digest)
     start = records[0].target if records else 0
     end = records[-1].target + records[-1].length if records else 0
     return EncodedFrame(head, head_bytes + digest + stored, start, end)
@@ -94,17 +102,28 @@ def parse_frame_head(head_bytes: bytes, digest: bytes) -> FrameHead:
     if raw > MAX_FRAME_RAW or count > MAX_FRAME_RECORDS or count * RECORD.size > raw:
         raise CorruptOverlayError(f"frame {seq} declares impossible sizes "
                                   f"(raw {raw}, records {count})")
-    if codec == Codec.STORED and stored != raw:
-        raise CorruptOverlayError(f"frame {seq}: stored size {stored} != raw size {raw}")
+    overhead = TAG_SIZE if flags & FRAME_ENCRYPTED else 0
+    if codec == Codec.STORED and stored != raw + overhead:
+        raise CorruptOverlayError(f"frame {seq}: stored size {stored} does not match raw size "
+                                  f"{raw}")
     if stored > raw + (raw >> 7) + 1024:  # more than zstd's worst-case expansion
         raise CorruptOverlayError(f"frame {seq} declares a stored size larger than possible")
     return FrameHead(stream, codec, flags, seq, count, stored, raw, digest)
 
 
-def decode_payload(head: FrameHead, stored: bytes) -> tuple[list[Record], memoryview]:
-    """Verify the digest, decompress, and split into records and their data area."""
+def decode_payload(head: FrameHead, stored: bytes, sealer: Sealer | None = None
+                   ) -> tuple[list[Record], memoryview]:
+    """Verify the digest, open the seal, decompress, split into records and their data area.
+
+    `sealer` must be given exactly for the frames of an encrypted overlay.
+    """
     if hashlib.sha256(head.packed + stored).digest() != head.digest:
         raise CorruptOverlayError(f"frame {head.seq}: digest mismatch (the overlay is damaged)")
+    if bool(head.flags & FRAME_ENCRYPTED) != (sealer is not None):
+        raise CorruptOverlayError(f"frame {head.seq} is {'' if sealer is None else 'not '}"
+                                  "encrypted, unlike the overlay's header says")
+    if sealer is not None:
+        stored = sealer.open_frame(head.packed, head.seq, stored)
     if head.codec == Codec.ZSTD:
         try:
             raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=head.raw_length)

@@ -61,6 +61,7 @@ class Incompat(IntFlag):
     """Features a reader must understand to read the file; unknown bits: refuse."""
 
     NONE = 0
+    ENCRYPTED = 1  # frames and summary sealed with AES-256-GCM (seal.py)
 
 
 class Compat(IntFlag):
@@ -69,5 +70,8 @@ class Compat(IntFlag):
     NONE = 0
 
 
-KNOWN_INCOMPAT = Incompat.NONE
-KNOWN_FRAME_FLAGS = 0
+FRAME_ENCRYPTED = 1  # frame flag: the stored payload is sealed
+
+KNOWN_INCOMPAT = Incompat.ENCRYPTED
+KNOWN_FRAME_FLAGS = FRAME_ENCRYPTED
+TAG_SIZE = 16  # AES-GCM tag appended to a sealed payload

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vmsynth.formats.container import OverlayStream
+from vmsynth.formats.seal import Sealer
 
 from .bases import Base
 from .blocks import is_zero
 from .errors import UsageError
+from .keys import Key, sealer_for
 from .qcow2 import Qcow2Writer
 from .store import atomic_path
 from .synth import ReplayReport, disk_manifest, replay
@@ -103,7 +105,7 @@ class ApplyReport:
     replay: ReplayReport
 
 
-def rebuild(overlay: OverlayStream, base: Base, child: Path,
+def rebuild(overlay: OverlayStream, base: Base, child: Path, sealer: Sealer | None = None,
             progress: Callable[[int], None] | None = None) -> ReplayReport:
     """Write the overlay's result to `child`, a qcow2 whose backing file is the base."""
     manifest = disk_manifest(overlay.header.manifest)
@@ -111,7 +113,7 @@ def rebuild(overlay: OverlayStream, base: Base, child: Path,
     writer = Qcow2Writer(child, manifest.virtual_size, backing=str(base.path))
     try:
         sink = ClusterSink(writer, base.image.read)
-        report = replay(overlay, manifest, base.image.read, sink, progress)
+        report = replay(overlay, manifest, base.image.read, sink, progress, sealer)
         sink.flush()
         writer.finish()
     except BaseException:
@@ -121,17 +123,21 @@ def rebuild(overlay: OverlayStream, base: Base, child: Path,
 
 
 def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
-          progress: Callable[[int], None] | None = None) -> ApplyReport:
-    """Rebuild the overlay read from `source` on `base` into `output` (temp name, then rename)."""
+          progress: Callable[[int], None] | None = None, key: Key | None = None) -> ApplyReport:
+    """Rebuild the overlay read from `source` on `base` into `output` (temp name, then rename).
+
+    An encrypted overlay needs its `key`; its decrypted result is readable by its owner only.
+    """
     if output.exists() and os.path.samefile(output, base.path):
         raise UsageError(f"{output} is the base image: refusing to overwrite it",
                          hint="write the rebuilt disk to another file")
     overlay = OverlayStream(source)
     manifest = disk_manifest(overlay.header.manifest)
     base.check_matches(manifest.base)  # before anything is written
-    with atomic_path(output) as tmp:
+    sealer = sealer_for(overlay.header, key)
+    with atomic_path(output, private=sealer is not None) as tmp:
         if not flatten:
-            report = rebuild(overlay, base, tmp, progress)
+            report = rebuild(overlay, base, tmp, sealer, progress)
         else:
             # Named like atomic_path's temporaries, so a killed run's leftover is cleaned too.
             fd, child_name = tempfile.mkstemp(prefix=f".{output.name}.{os.getpid()}.",
@@ -139,8 +145,10 @@ def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
             os.close(fd)
             child = Path(child_name)
             try:
-                report = rebuild(overlay, base, child, progress)
+                report = rebuild(overlay, base, child, sealer, progress)
                 run("qemu-img", "convert", "-O", "qcow2", str(child), str(tmp))
+                if sealer is not None:
+                    os.chmod(tmp, 0o600)  # qemu-img recreated it with the usual mode
             finally:
                 child.unlink(missing_ok=True)
     return ApplyReport(str(output), manifest.virtual_size, flatten, report)

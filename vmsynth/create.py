@@ -20,12 +20,14 @@ import zstandard
 
 from vmsynth.formats.container import OverlayWriter
 from vmsynth.formats.frames import EncodedFrame, Record, encode_frame
-from vmsynth.formats.layout import RECORD, Kind, Stream
+from vmsynth.formats.layout import RECORD, Incompat, Kind, Stream
+from vmsynth.formats.seal import Sealer
 
 from . import __version__
 from .bases import Base
 from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
 from .errors import BadInputError
+from .keys import Key, encryption_for_new
 from .qcow2 import Image, Qcow2Image, changed_ranges
 
 Progress = Callable[[int, int], None]
@@ -60,7 +62,8 @@ def _similar(new: bytes, old: bytes) -> bool:
     return hits >= 2
 
 
-def _build_frame(seq: int, items: list[_Item], level: int) -> tuple[EncodedFrame, bytes, dict]:
+def _build_frame(seq: int, items: list[_Item], level: int, sealer: Sealer | None
+                 ) -> tuple[EncodedFrame, bytes, dict]:
     """Worker: choose DELTA or DATA for candidates, pack, compress, digest the result."""
     compressor = zstandard.ZstdCompressor(level=level)
     records: list[Record] = []
@@ -91,16 +94,17 @@ def _build_frame(seq: int, items: list[_Item], level: int) -> tuple[EncodedFrame
         for block in it.blocks:
             result.update(block)
         stats[kind.name.lower()] += -(-it.length // BLOCK)
-    frame = encode_frame(seq, Stream.DISK, records, data, compressor)
+    frame = encode_frame(seq, Stream.DISK, records, data, compressor, sealer)
     return frame, result.digest(), stats
 
 
 class _FrameQueue:
     """Groups items into frames, hands them to workers, writes results in order."""
 
-    def __init__(self, writer: OverlayWriter, level: int) -> None:
+    def __init__(self, writer: OverlayWriter, level: int, sealer: Sealer | None) -> None:
         self.writer = writer
         self.level = level
+        self.sealer = sealer
         self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="vmsynth-compress")
         self.pending: deque[Future] = deque()
         self.items: list[_Item] = []
@@ -131,7 +135,8 @@ class _FrameQueue:
     def flush(self) -> None:
         if not self.items:
             return
-        self.pending.append(self.pool.submit(_build_frame, self.seq, self.items, self.level))
+        self.pending.append(self.pool.submit(_build_frame, self.seq, self.items, self.level,
+                                             self.sealer))
         self.seq += 1
         self.items = []
         self.data_bytes = self.cover_bytes = 0
@@ -211,8 +216,8 @@ class CreateReport:
 
 
 def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
-           progress: Progress | None = None) -> CreateReport:
-    """Write to `out` an overlay that turns `base` into `disk`.
+           progress: Progress | None = None, key: Key | None = None) -> CreateReport:
+    """Write to `out` an overlay that turns `base` into `disk` (encrypted if `key` is given).
 
     Raises:
         BadInputError: the disk is smaller than the base.
@@ -229,8 +234,15 @@ def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
         ranges = [(0, disk.virtual_size)]
     total = sum(n for _, n in ranges)
     writer = OverlayWriter(out)
-    writer.write_header(manifest(base, disk.virtual_size, level))
-    queue = _FrameQueue(writer, level)
+    head = manifest(base, disk.virtual_size, level)
+    sealer = None
+    if key is None:
+        writer.write_header(head)
+    else:
+        head["encryption"], master, file_id = encryption_for_new(key)
+        writer.write_header(head, incompat=Incompat.ENCRYPTED)
+        sealer = Sealer(master, file_id, writer.header_digest)
+    queue = _FrameQueue(writer, level, sealer)
     differ = _Differ(base, disk, queue)
     done = 0
 
@@ -252,7 +264,7 @@ def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
         "frames": queue.seq,
         "result_digest": "sha256:" + queue.result_digests.hexdigest(),
     }
-    writer.finish(summary)
+    writer.finish(summary, sealer)
     return CreateReport(str(disk.path), fast, total, summary, writer.bytes_written)
 
 

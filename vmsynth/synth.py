@@ -16,9 +16,10 @@ from typing import Protocol
 
 import zstandard
 
-from vmsynth.formats.container import OverlayStream
+from vmsynth.formats.container import OverlayStream, open_summary
 from vmsynth.formats.frames import FrameHead, Record, decode_payload
 from vmsynth.formats.layout import MAX_FRAME_RAW, RECORD, Kind, Stream
+from vmsynth.formats.seal import Sealer
 
 from .blocks import BLOCK, CHUNK
 from .errors import CorruptOverlayError, UnsupportedFormatError
@@ -65,9 +66,9 @@ class Decoded:
     data: list[bytes | None]  # produced bytes of DATA / DELTA records, None for others
 
 
-def _decode(head: FrameHead, stored: bytes,
-            base_read: Callable[[int, int], bytes] | None) -> Decoded:
-    records, area = decode_payload(head, stored)
+def _decode(head: FrameHead, stored: bytes, base_read: Callable[[int, int], bytes] | None,
+            sealer: Sealer | None) -> Decoded:
+    records, area = decode_payload(head, stored, sealer)
     out: list[bytes | None] = []
     pos = 0
     for r in records:
@@ -100,14 +101,15 @@ def _decode(head: FrameHead, stored: bytes,
     return Decoded(head, records, out)
 
 
-def decoded_frames(overlay: OverlayStream, base_read: Callable[[int, int], bytes] | None
-                   ) -> Iterator[Decoded]:
+def decoded_frames(overlay: OverlayStream, base_read: Callable[[int, int], bytes] | None,
+                   sealer: Sealer | None) -> Iterator[Decoded]:
     """Frames decoded on worker threads, yielded in file order."""
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmsynth-decode") as pool:
         pending: deque = deque()
         try:
             for frame in overlay.frames():
-                pending.append(pool.submit(_decode, frame.head, frame.stored, base_read))
+                pending.append(pool.submit(_decode, frame.head, frame.stored, base_read,
+                                           sealer))
                 while len(pending) > LOOKAHEAD:
                     yield pending.popleft().result()
             while pending:
@@ -127,7 +129,8 @@ class ReplayReport:
 
 def replay(overlay: OverlayStream, manifest: DiskManifest,
            base_read: Callable[[int, int], bytes] | None, sink: Sink | None,
-           progress: Callable[[int], None] | None = None) -> ReplayReport:
+           progress: Callable[[int], None] | None = None,
+           sealer: Sealer | None = None) -> ReplayReport:
     """Check every frame and record; with a base, rebuild the result into `sink`.
 
     Without a base (`base_read` None) only the structure and the frame digests are checked:
@@ -138,7 +141,7 @@ def replay(overlay: OverlayStream, manifest: DiskManifest,
     end = 0  # records must ascend without overlap: the result before `end` is final
     digests = hashlib.sha256()
     frames = records = changed = 0
-    for dec in decoded_frames(overlay, base_read):
+    for dec in decoded_frames(overlay, base_read, sealer):
         if dec.head.stream != Stream.DISK:
             raise UnsupportedFormatError(f"frame {dec.head.seq} is for an unsupported stream")
         frame_digest = hashlib.sha256()
@@ -175,10 +178,11 @@ def replay(overlay: OverlayStream, manifest: DiskManifest,
         if progress:
             progress(dec.head.stored_length)
     assert overlay.footer is not None
+    summary = open_summary(overlay.footer, sealer)  # sealed: authenticates the frame count
     if not rebuild:
         return ReplayReport(frames, records, changed, None)
     digest = "sha256:" + digests.hexdigest()
-    if digest != overlay.footer.summary.get("result_digest"):
+    if digest != summary.get("result_digest"):
         raise CorruptOverlayError("the rebuilt disk's digest does not match the overlay's "
                                   "(wrong base contents, or a damaged overlay)",
                                   hint="check that the base file is intact, and fetch the "

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmsynth.formats.container import OverlayStream, read_footer
+from vmsynth.formats.container import OverlayStream, open_summary, read_footer
 
 from .apply import rebuild
 from .bases import Base
 from .errors import CorruptOverlayError, OverBudgetError
+from .keys import Key, sealer_for
 from .synth import ReplayReport, disk_manifest, replay
 
 LINKS_MBPS = (10, 50, 1000)  # the seed chapter's calculator: LTE / busy Wi-Fi, Wi-Fi, LAN
@@ -39,18 +40,21 @@ class _Counting:
 
 
 def verify(source: BinaryIO, base: Base | None = None, max_size: int | None = None,
-           progress: Callable[[int], None] | None = None) -> VerifyReport:
+           progress: Callable[[int], None] | None = None, key: Key | None = None
+           ) -> VerifyReport:
     """Check structure and every digest; with a base, rebuild into scratch space and check
     the result digest too; with `max_size`, the budget. Raises on the first failure."""
     counted = _Counting(source)
     overlay = OverlayStream(counted)  # type: ignore[arg-type]
     manifest = disk_manifest(overlay.header.manifest)
-    if base is None:
-        report = replay(overlay, manifest, None, None, progress)
-    else:
+    if base is not None:
         base.check_matches(manifest.base)
+    sealer = sealer_for(overlay.header, key)
+    if base is None:
+        report = replay(overlay, manifest, None, None, progress, sealer)
+    else:
         with tempfile.TemporaryDirectory(prefix="vmsynth-verify-") as scratch:
-            report = rebuild(overlay, base, Path(scratch) / "check.qcow2", progress)
+            report = rebuild(overlay, base, Path(scratch) / "check.qcow2", sealer, progress)
     if max_size is not None and counted.count > max_size:
         raise OverBudgetError(f"overlay is {counted.count:,} bytes, over the budget of "
                               f"{max_size:,} bytes by {counted.count - max_size:,}",
@@ -62,15 +66,22 @@ def transfer_seconds(size: int) -> dict[str, float]:
     return {f"{mbps}Mbps": round(size * 8 / (mbps * 1e6), 3) for mbps in LINKS_MBPS}
 
 
-def describe(path: Path) -> dict[str, Any]:
-    """What `inspect` shows, from the header and footer only (no frame is read)."""
+def describe(path: Path, key: Key | None = None) -> dict[str, Any]:
+    """What `inspect` shows, from the header and footer only (no frame is read).
+
+    For an encrypted overlay without its key: only what is not content (sizes from the
+    index, the base identity); block counts and the result digest stay sealed.
+    """
     with open(path, "rb") as f:
         overlay = OverlayStream(f)
-        footer = read_footer(f)
+        footer = read_footer(f, overlay.header.encrypted)
         size = footer.file_length
     header = overlay.header
     manifest = disk_manifest(header.manifest)
-    summary = footer.summary
+    sealer = sealer_for(header, key) if key is not None or not header.encrypted else None
+    summary: dict[str, Any] = open_summary(footer, sealer) if sealer or not header.encrypted \
+        else {"payload_raw_bytes": sum(e.raw_length for e in footer.index),
+              "payload_stored_bytes": sum(e.stored_length for e in footer.index)}
     try:
         raw = int(summary.get("payload_raw_bytes", 0))
         stored = int(summary.get("payload_stored_bytes", 0))
@@ -86,6 +97,9 @@ def describe(path: Path) -> dict[str, Any]:
         "blocks": blocks,
         "block_size": manifest.block_size,
         "frames": len(footer.index),
+        "encrypted": header.encrypted,
+        "encryption": {k: v for k, v in header.manifest.get("encryption", {}).items()
+                       if k in ("cipher", "kdf")} if header.encrypted else None,
         "compression": header.manifest.get("compression", {}),
         "compression_ratio": round(raw / stored, 3) if stored else None,
         "result_digest": summary.get("result_digest"),

@@ -1,0 +1,136 @@
+"""Authenticated encryption of overlays (SPEC.md section 8): AES-256-GCM per frame.
+
+A 32-byte master key comes from a key file, or from a passphrase through scrypt. Each
+overlay has a random 16-byte file id; the file key is HKDF-SHA256(master, salt=file id), so
+nonces (the frame number) never repeat under one key. Every frame's associated data is the
+header digest plus the frame's own header, which holds its number: frames cannot be
+reordered, moved to another overlay, or altered unnoticed. The summary is sealed too and
+names the frame count, so dropping frames is noticed as well.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from vmsynth.errors import CorruptOverlayError, UnsupportedFormatError, WrongKeyError
+
+CIPHER = "aes-256-gcm"
+TAG_SIZE = 16
+KEY_SIZE = 32
+FILE_ID_SIZE = 16
+SCRYPT_DEFAULT = {"n": 1 << 15, "r": 8, "p": 1}
+SCRYPT_LIMITS = {"n": 1 << 20, "r": 32, "p": 16}  # refuse headers that ask for more work
+_FRAME_INFO = b"vmsynth overlay v1 frame key"
+_CHECK_INFO = b"vmsynth overlay v1 key check"
+_SUMMARY_NONCE = b"\xff" * 12  # frames use 0x00000000 + their number: never equal
+
+
+def _hkdf(master: bytes, file_id: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=file_id, info=info).derive(master)
+
+
+def master_from_passphrase(passphrase: str, kdf: dict[str, Any]) -> bytes:
+    try:
+        salt = bytes.fromhex(kdf["salt"])
+        n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptOverlayError(f"overlay's key derivation parameters are malformed ({err})")
+    if not (2 <= n <= SCRYPT_LIMITS["n"] and n & (n - 1) == 0 and 1 <= r <= SCRYPT_LIMITS["r"]
+            and 1 <= p <= SCRYPT_LIMITS["p"] and len(salt) >= 16):
+        raise UnsupportedFormatError("overlay asks for scrypt parameters outside the limits "
+                                     "this vmsynth accepts")
+    return Scrypt(salt=salt, length=KEY_SIZE, n=n, r=r, p=p).derive(passphrase.encode())
+
+
+class Sealer:
+    """Seals and opens one overlay's frames and summary."""
+
+    def __init__(self, master: bytes, file_id: bytes, header_digest: bytes) -> None:
+        self._aead = AESGCM(_hkdf(master, file_id, _FRAME_INFO, KEY_SIZE))
+        self._header_digest = header_digest
+
+    @staticmethod
+    def key_check(master: bytes, file_id: bytes) -> str:
+        """A value stored in the header that tells a wrong key from a damaged file."""
+        return _hkdf(master, file_id, _CHECK_INFO, 16).hex()
+
+    @staticmethod
+    def _nonce(seq: int) -> bytes:
+        return b"\0\0\0\0" + seq.to_bytes(8, "big")
+
+    def seal_frame(self, head_bytes: bytes, seq: int, payload: bytes) -> bytes:
+        return self._aead.encrypt(self._nonce(seq), payload, self._header_digest + head_bytes)
+
+    def open_frame(self, head_bytes: bytes, seq: int, sealed: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(self._nonce(seq), sealed, self._header_digest + head_bytes)
+        except InvalidTag:
+            raise CorruptOverlayError(f"frame {seq} fails authentication (tampered with, or "
+                                      "moved from another overlay)") from None
+
+    def seal_summary(self, body: bytes, frames: int) -> bytes:
+        aad = self._header_digest + b"SUMM" + frames.to_bytes(8, "little")
+        return self._aead.encrypt(_SUMMARY_NONCE, body, aad)
+
+    def open_summary(self, sealed: bytes, frames: int) -> bytes:
+        aad = self._header_digest + b"SUMM" + frames.to_bytes(8, "little")
+        try:
+            return self._aead.decrypt(_SUMMARY_NONCE, sealed, aad)
+        except InvalidTag:
+            raise CorruptOverlayError("overlay summary fails authentication (frames were "
+                                      "added, dropped or altered)") from None
+
+
+def open_sealer(encryption: dict[str, Any], header_digest: bytes, key_file: bytes | None,
+                passphrase: str | None) -> Sealer:
+    """The Sealer for an encrypted overlay's manifest `encryption` block and a key.
+
+    Raises:
+        WrongKeyError: no key was given, or the key does not match.
+    """
+    try:
+        if encryption["cipher"] != CIPHER:
+            raise UnsupportedFormatError(f"unknown cipher {encryption['cipher']!r}")
+        file_id = bytes.fromhex(encryption["file_id"])
+        kdf = dict(encryption["kdf"])
+        check = str(encryption["key_check"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptOverlayError(f"overlay's encryption block is malformed ({err})") from err
+    if kdf.get("name") == "scrypt":
+        if passphrase is None:
+            raise WrongKeyError("overlay is encrypted with a passphrase and none was given",
+                                hint="set VMSYNTH_PASSPHRASE, or run in a terminal to be asked")
+        master = master_from_passphrase(passphrase, kdf)
+    elif kdf.get("name") == "none":
+        if key_file is None:
+            raise WrongKeyError("overlay is encrypted with a key file and none was given",
+                                hint="pass --key-file FILE")
+        master = key_file
+    else:
+        raise UnsupportedFormatError(f"unknown key derivation {kdf.get('name')!r}")
+    if not hmac.compare_digest(Sealer.key_check(master, file_id), check):
+        raise WrongKeyError("wrong key for this overlay" if kdf["name"] == "none"
+                            else "wrong passphrase for this overlay")
+    return Sealer(master, file_id, header_digest)
+
+
+def new_encryption(key_file: bytes | None, passphrase: str | None, file_id: bytes,
+                   salt: bytes) -> tuple[dict[str, Any], bytes]:
+    """(manifest `encryption` block, master key) for a new overlay."""
+    if key_file is not None:
+        kdf: dict[str, Any] = {"name": "none"}
+        master = key_file
+    else:
+        assert passphrase is not None
+        kdf = {"name": "scrypt", "salt": salt.hex(), **SCRYPT_DEFAULT}
+        master = master_from_passphrase(passphrase, kdf)
+    block = {"cipher": CIPHER, "file_id": file_id.hex(), "kdf": kdf,
+             "key_check": Sealer.key_check(master, file_id)}
+    return block, master
