@@ -82,3 +82,14 @@ def small_pair(tmp_path_factory: pytest.TempPathFactory):
 def repo() -> Path:
     return _REPO
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _host_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One private host-facts cache (the KVM probe's answer) for the whole run, never
+    ~/.cache/vmsynth/host: the probe runs at most once per run (~20 s where KVM hangs)."""
+    mp = pytest.MonkeyPatch()
+    folder = tmp_path_factory.mktemp("host-cache")
+    mp.setenv("VMSYNTH_HOST_CACHE", str(folder))
+    yield folder
+    mp.undo()

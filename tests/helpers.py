@@ -365,3 +365,41 @@ def qemu_io(image: Path, *commands: str) -> None:
         args += ["-c", c]
     proc = run(*args, image)
     assert "error" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- QEMU processes
+
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of a process (R, S, Z...), None when it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a reaped-later zombie runs nothing)."""
+    return process_state(pid) not in (None, "Z")
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def qemu_processes(mentioning: str) -> list[int]:
+    """Live qemu-system-* processes whose command line mentions `mentioning` (a path that is
+    unique to one test, so that other users' VMs on the machine are never counted)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        args = cmdline(int(entry.name))
+        if args and Path(args[0]).name.startswith("qemu-system") and \
+                any(mentioning in a for a in args) and alive(int(entry.name)):
+            out.append(int(entry.name))
+    return out
