@@ -18,7 +18,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := $(BUILD)/demo
 DEMO_HOME := $(DEMO)/home
 
-.PHONY: help setup demo test test-fast bench budget clean
+.PHONY: help setup demo test test-fast fuzz bench budget clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -69,6 +69,9 @@ test: setup  ## run the whole test suite (real qemu-img included)
 
 test-fast: setup  ## the tests that need no external tool
 	$(PY) -m pytest tests -m 'not qemu_img'
+
+fuzz: setup  ## a long mutation-fuzzing run over vectors and real overlays (FUZZ=20000)
+	VMSYNTH_FUZZ_EXAMPLES=$(or $(FUZZ),20000) $(PY) -m pytest tests/test_fuzz.py -q -s
 
 bench: setup  ## disk benchmark vs xdelta3 and zstd --patch-from; writes BENCHMARKS.md
 	$(PY) bench/disk_bench.py

@@ -72,25 +72,27 @@ key_file_option = click.option(
          f"passphrase comes from ${PASSPHRASE_ENV} or a prompt.")
 
 
-def read_key(key_file: str | None) -> Key | None:
-    """The key a reading command has: a key file, $VMSYNTH_PASSPHRASE, or a prompt if asked."""
+def _given_key(key_file: str | None) -> Key | None:
+    """A key the user gave explicitly: --key-file, else $VMSYNTH_PASSPHRASE."""
     if key_file:
         return Key(key_file=read_key_file(Path(key_file)))
     passphrase = os.environ.get(PASSPHRASE_ENV)
-    if passphrase:
-        return Key(passphrase=passphrase)
-    if sys.stdin.isatty():
-        return Key(ask=lambda: click.prompt("passphrase", hide_input=True, err=True))
-    return None
+    return Key(passphrase=passphrase) if passphrase else None
+
+
+def read_key(key_file: str | None) -> Key | None:
+    """The key a reading command has: given, or a prompt asked only for an encrypted overlay."""
+    key = _given_key(key_file)
+    if key is None and sys.stdin.isatty():
+        key = Key(ask=lambda: click.prompt("passphrase", hide_input=True, err=True))
+    return key
 
 
 def new_key(key_file: str | None) -> Key:
     """The key `create --encrypt` seals with."""
-    if key_file:
-        return Key(key_file=read_key_file(Path(key_file)))
-    passphrase = os.environ.get(PASSPHRASE_ENV)
-    if passphrase:
-        return Key(passphrase=passphrase)
+    key = _given_key(key_file)
+    if key is not None:
+        return key
     if sys.stdin.isatty():
         return Key(passphrase=click.prompt("passphrase", hide_input=True,
                                            confirmation_prompt=True, err=True))

@@ -165,13 +165,7 @@ def parse_header(stream: BinaryIO) -> Header:
     if unknown:
         raise UnsupportedFormatError(f"overlay needs features this vmsynth lacks (bits {unknown:#x})",
                                      hint="upgrade vmsynth")
-    try:
-        manifest = json.loads(body)
-    except ValueError as err:
-        raise CorruptOverlayError(f"overlay manifest is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict):
-        raise CorruptOverlayError("overlay manifest is not a JSON object")
-    return Header(major, minor, incompat, compat, manifest, length, digest)
+    return Header(major, minor, incompat, compat, _json_object(body, "manifest"), length, digest)
 
 
 def _parse_footer(tail: bytes, summary_offset: int, file_length: int, sealed: bool) -> Footer:
@@ -191,7 +185,7 @@ def _parse_footer(tail: bytes, summary_offset: int, file_length: int, sealed: bo
             i_off != s_off + SECTION.size + summary_len:
         raise CorruptOverlayError("overlay summary section is malformed")
     summary_bytes = body[SECTION.size: SECTION.size + summary_len]
-    summary = None if sealed else _summary_json(summary_bytes)
+    summary = None if sealed else _json_object(summary_bytes, "summary")
     pos = SECTION.size + summary_len
     tag, count = SECTION.unpack_from(body, pos)
     pos += SECTION.size
@@ -204,14 +198,14 @@ def _parse_footer(tail: bytes, summary_offset: int, file_length: int, sealed: bo
     return Footer(summary, summary_bytes if sealed else None, index, summary_offset, file_length)
 
 
-def _summary_json(raw: bytes) -> dict[str, Any]:
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        summary = json.loads(raw)
+        value = json.loads(raw)
     except ValueError as err:
-        raise CorruptOverlayError(f"overlay summary is not valid JSON: {err}") from err
-    if not isinstance(summary, dict):
-        raise CorruptOverlayError("overlay summary is not a JSON object")
-    return summary
+        raise CorruptOverlayError(f"overlay {what} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise CorruptOverlayError(f"overlay {what} is not a JSON object")
+    return value
 
 
 def open_summary(footer: Footer, sealer: Sealer | None) -> dict[str, Any]:
@@ -221,7 +215,7 @@ def open_summary(footer: Footer, sealer: Sealer | None) -> dict[str, Any]:
     assert footer.sealed_summary is not None
     if sealer is None:
         raise WrongKeyError("the overlay's summary is encrypted and no key was given")
-    return _summary_json(sealer.open_summary(footer.sealed_summary, len(footer.index)))
+    return _json_object(sealer.open_summary(footer.sealed_summary, len(footer.index)), "summary")
 
 
 def read_footer(f: BinaryIO, sealed: bool = False) -> Footer:
