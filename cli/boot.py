@@ -14,7 +14,7 @@ import click
 
 from vmsynth import accel, guest, session
 from vmsynth.apply import apply
-from vmsynth.vm import BootOptions, Machine
+from vmsynth.vm import BootOptions, Machine, require_qemu
 
 from . import console
 from .options import base_option, file_size, json_option, open_base, open_input
@@ -64,6 +64,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _machine(disk: Path, opts: dict[str, Any], as_json: bool) -> Machine:
+    require_qemu()  # before the accelerator notice: the one error line says what to install
     chosen = accel.choose(opts["accel"])
     if opts["accel"] == "auto" and chosen.name == "tcg" and not as_json:
         console.err.print(f"notice: {chosen.reason}")

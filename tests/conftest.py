@@ -83,7 +83,6 @@ def repo() -> Path:
     return _REPO
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def _host_cache(tmp_path_factory: pytest.TempPathFactory):
     """One private host-facts cache (the KVM probe's answer) for the whole run, never

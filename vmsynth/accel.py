@@ -71,6 +71,8 @@ def probe_kvm(timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
         return False, "no /dev/kvm"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "no permission on /dev/kvm (add the user to the kvm group)"
+    if shutil.which("qemu-system-x86_64") is None:
+        return False, "qemu-system-x86_64 is not installed"
     kernel, busybox = probe_kernel(), shutil.which("busybox")
     if kernel is None or busybox is None:
         return False, "cannot probe KVM (needs a kernel in /boot and busybox-static)"
@@ -128,7 +130,9 @@ def choose(requested: str = "auto") -> Accel:
     cache = host_cache() / f"accel-{_host_key()}.json"
     try:
         works, why = json.loads(cache.read_text())
-    except (OSError, ValueError):
+        if not isinstance(works, bool) or not isinstance(why, str):
+            raise ValueError("malformed accelerator cache")
+    except (OSError, ValueError, TypeError):
         works, why = probe_kvm()
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def new() -> Session:
 def scrub_file(path: Path) -> None:
     """Overwrite a file's bytes with zeros, sync, then unlink it."""
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return
     try:
@@ -57,8 +57,10 @@ def destroy(session: Session) -> None:
     if not session.dir.exists():
         return
     for path in sorted(session.dir.rglob("*"), key=lambda p: -len(p.parts)):
-        if path.is_dir() and not path.is_symlink():
+        if path.is_symlink() or not (path.is_dir() or path.is_file()):
+            path.unlink()  # never follow a link out of the session
+        elif path.is_dir():
             path.rmdir()
         else:
-            scrub_file(path) if path.is_file() else path.unlink()
+            scrub_file(path)
     session.dir.rmdir()

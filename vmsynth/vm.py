@@ -80,9 +80,7 @@ class Machine:
         return args + o.extra_args
 
     def start(self) -> None:
-        if shutil.which(QEMU) is None:
-            raise ToolError(f"{QEMU} is not installed",
-                            hint=f"install it: apt-get install {PACKAGES[QEMU]}")
+        require_qemu()
         for path, what in ((self.options.disk, "disk"), (self.options.kernel, "kernel"),
                            (self.options.initrd, "initrd")):
             if path is not None and not Path(path).is_file():
@@ -100,7 +98,13 @@ class Machine:
             if time.monotonic() > deadline:
                 raise BootError("QEMU did not open its QMP socket within 10 s")
             time.sleep(0.02)
-        self.qmp = QMP(str(self.qmp_path))
+        try:
+            self.qmp = QMP(str(self.qmp_path))
+        except QMPError:
+            if self.proc.wait(timeout=5) is not None:  # QEMU gave up right after starting
+                raise BootError(f"QEMU exited at start: {self._qemu_error()}",
+                                hint=self._hint_for(self._qemu_error())) from None
+            raise
 
     def _qemu_error(self) -> str:
         lines = [ln for ln in self.qemu_log.read_text(errors="replace").splitlines() if ln]
@@ -132,8 +136,10 @@ class Machine:
         return text
 
     def serial_tail(self, lines: int = TAIL_LINES) -> str:
+        """The last serial lines, joined with " | " so an error stays one line."""
         self.poll_serial()
-        return "\n".join(self._serial_text.replace("\r", "").splitlines()[-lines:])
+        tail = [ln.strip() for ln in self._serial_text.replace("\r", "").splitlines()]
+        return " | ".join([ln for ln in tail if ln][-lines:]) or "(nothing)"
 
     def wait_ready(self) -> float:
         """Wait for the ready text on the serial console; seconds it took.
@@ -151,10 +157,10 @@ class Machine:
                 return time.monotonic() - started
             if self.proc.poll() is not None:
                 raise BootError(f"the VM stopped before it was ready ({self._qemu_error()}); "
-                                f"last serial output:\n{self.serial_tail()}")
+                                f"last serial output: {self.serial_tail()}")
             if time.monotonic() - started > self.options.timeout:
                 raise BootError(f"the VM was not ready after {self.options.timeout:.0f} s "
-                                f"(waiting for {ready!r}); last serial output:\n"
+                                f"(waiting for {ready!r}); last serial output: "
                                 f"{self.serial_tail()}",
                                 hint="raise --timeout, or check that the image boots")
             time.sleep(0.05)
@@ -174,7 +180,7 @@ class Machine:
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pid": self.proc.pid if self.proc else None,
                                "qmp_socket": str(self.qmp_path),
-                               "serial_log": str(self.serial_log),
+                               "serial_log": str(Path(self.serial_log).resolve()),
                                "accel": self.options.accel.name, "vnc": None}
         if self.qmp is not None and self.options.vnc != "none":
             try:
@@ -225,6 +231,12 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(grace=self.grace)
+
+
+def require_qemu() -> None:
+    if shutil.which(QEMU) is None:
+        raise ToolError(f"{QEMU} is not installed",
+                        hint=f"install it: apt-get install {PACKAGES[QEMU]}")
 
 
 def _escape(path: Path) -> str:

@@ -1,0 +1,801 @@
+"""Real VMs: the tiny test guest of fixtures/build-guest.sh, synthesized from an overlay and
+booted with `vmsynth boot` / `vmsynth run` (under TCG, except where the accelerator choice is
+the subject), images checked with libguestfs (`check`, `apply --check`, `inspect --files`).
+
+Every failure must give its documented exit code and one `error:` line, and leave nothing
+behind: no QEMU process, no run directory (vmsynth-vm-*), no session file. vmsynth runs as a
+subprocess with TMPDIR pointing at a short directory private to the test, so its run
+directories and the QMP socket paths in QEMU's command line identify this test's VMs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vmsynth import accel, session
+from vmsynth.errors import AccelError, ExitCode
+from vmsynth.vm import BootOptions, Machine
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST_DIR = REPO / ".build" / "test-guest"  # gitignored; the build script is idempotent
+MARKER = "customized by vmsynth fixtures"  # the app disk's /marker.txt ("base" in the base)
+APPEND = "console=ttyS0 quiet panic=-1"
+# Only guards against hangs, never a measure: a TCG boot takes 3-6 s, a libguestfs launch
+# 10-25 s (plus a one-time 20 s KVM probe where KVM hangs).
+HANG = 240
+MiB = 1 << 20
+
+
+def _unavailable(why: str) -> None:
+    """Skip on a developer machine without the tools; CI must run these tests."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{why} (CI must run the VM tests)")
+    pytest.skip(why)
+
+
+# ------------------------------------------------------------------------------ results
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self):
+        return json.loads(self.out)
+
+    def first_json(self):
+        return first_json(self.out)
+
+
+def first_json(text: str):
+    """The first JSON document in `text` (after a ready event, an error object may follow)."""
+    return json.JSONDecoder().raw_decode(text.lstrip())[0]
+
+
+def assert_one_line_error(r: Result, code: int) -> str:
+    assert r.code == code, f"exit {r.code}, expected {code}; stderr:\n{r.err}"
+    assert "Traceback" not in r.err and "Traceback" not in r.out
+    lines = r.err.splitlines()
+    assert len(lines) == 1, f"stderr should be one line, got {len(lines)}:\n{r.err}"
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+def marker_lines(serial: str) -> list[str]:
+    """The lines the guest printed between its two marker lines."""
+    lines = serial.replace("\r", "").splitlines()
+    assert "VMSYNTH-MARKER-BEGIN" in lines and "VMSYNTH-MARKER-END" in lines, serial[-2000:]
+    return lines[lines.index("VMSYNTH-MARKER-BEGIN") + 1: lines.index("VMSYNTH-MARKER-END")]
+
+
+# ------------------------------------------------------------------------------ the guest
+
+@dataclass(frozen=True)
+class Guest:
+    dir: Path
+
+    @property
+    def kernel(self) -> Path:
+        return self.dir / "kernel"
+
+    @property
+    def initrd(self) -> Path:
+        return self.dir / "initramfs.cpio.gz"
+
+    @property
+    def base(self) -> Path:
+        return self.dir / "base.qcow2"
+
+    @property
+    def app(self) -> Path:
+        return self.dir / "app.qcow2"
+
+
+@pytest.fixture(scope="session")
+def guest(h) -> Guest:
+    """The tiny bootable guest, built once into .build/test-guest (quick when up to date)."""
+    for tool in ("qemu-system-x86_64", "qemu-img", "qemu-io"):
+        if not h.which(tool):
+            _unavailable(f"{tool} not installed (apt-get install qemu-system-x86 qemu-utils)")
+    proc = subprocess.run(["bash", str(REPO / "fixtures" / "build-guest.sh"), str(GUEST_DIR)],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, f"fixtures/build-guest.sh failed:\n{proc.stderr[-4000:]}"
+    g = Guest(GUEST_DIR)
+    for path in (g.kernel, g.initrd, g.base, g.app):
+        assert path.is_file(), f"the fixture build did not make {path}"
+    return g
+
+
+@dataclass(frozen=True)
+class Images:
+    overlay: Path  # app.qcow2 against base.qcow2
+    synth: Path  # the overlay applied to a qcow2 child of base.qcow2
+
+
+@pytest.fixture(scope="session")
+def images(guest, h, tmp_path_factory) -> Images:
+    d = tmp_path_factory.mktemp("vm-images")
+    env = os.environ | {"VMSYNTH_HOME": str(d / "home")}
+    overlay, synth = d / "app.vmo", d / "synth.qcow2"
+    h.run(h.VMSYNTH, "create", "--base", guest.base, "--disk", guest.app, "-o", overlay, env=env)
+    h.run(h.VMSYNTH, "apply", overlay, "--base", guest.base, "-o", synth, env=env)
+    assert h.qemu_img("compare", guest.app, synth, check=False).returncode == 0
+    return Images(overlay, synth)
+
+
+@dataclass
+class HostAccel:
+    """What the first choose("auto") of the run did, with the real probe watched."""
+
+    probes: list[tuple[bool, str]]  # every real probe result seen during both calls
+    first: accel.Accel
+    second: accel.Accel
+
+
+@pytest.fixture(scope="session")
+def host_accel(_host_cache) -> HostAccel:
+    """The run's one real KVM probe: choose("auto") on the empty session cache, twice.
+
+    Every VM test depends on this (through `bench`), so it is the first to fill the cache
+    that the vmsynth subprocesses then share.
+    """
+    probes: list[tuple[bool, str]] = []
+    real = accel.probe_kvm
+
+    def watched(*args, **kwargs):
+        result = real(*args, **kwargs)
+        probes.append(result)
+        return result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(accel, "probe_kvm", watched)
+        first = accel.choose("auto")
+        second = accel.choose("auto")
+    return HostAccel(probes, first, second)
+
+
+def kvm_works(host_accel: HostAccel) -> bool:
+    assert len(host_accel.probes) == 1, host_accel.probes
+    return host_accel.probes[0][0]
+
+
+# ------------------------------------------------------------------------------ running vmsynth
+
+class Running:
+    """A vmsynth process in the background, its stdout and stderr going to files."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], folder: Path) -> None:
+        self.out_path = Path(tempfile.mkstemp(prefix="out-", dir=folder)[1])
+        self.err_path = Path(tempfile.mkstemp(prefix="err-", dir=folder)[1])
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            # Its own session keeps our signals away from pytest; SIGINT at its default, as
+            # at a terminal (a background job of a non-interactive shell would ignore it).
+            # The test process runs no threads, so preexec_fn is safe here.
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                start_new_session=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+
+    def text(self) -> tuple[str, str]:
+        return (self.out_path.read_text(errors="replace"),
+                self.err_path.read_text(errors="replace"))
+
+    def until(self, what: str, check: Callable[[], object], timeout: float = HANG):
+        """Wait until check() gives something true; fail if vmsynth ends first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            if self.proc.poll() is not None:
+                out, err = self.text()
+                pytest.fail(f"vmsynth exited ({self.proc.returncode}) before {what}:\n{err}{out}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} after {timeout} s")
+            time.sleep(0.05)
+
+    def ready_event(self) -> dict:
+        def parsed():
+            try:
+                return first_json(self.out_path.read_text(errors="replace"))
+            except ValueError:
+                return None
+
+        event = self.until("the ready event", parsed)
+        assert event.get("event") == "ready", event
+        return event
+
+    def send(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)  # vmsynth only: QEMU runs in a session of its own
+
+    def finish(self, timeout: float = HANG) -> Result:
+        self.proc.wait(timeout=timeout)
+        out, err = self.text()
+        return Result(self.proc.returncode, out, err)
+
+
+class Bench:
+    """One test's VM workbench: a short private TMPDIR, the environment, and clean-up checks."""
+
+    def __init__(self, h, guest: Guest, tmp: Path) -> None:
+        self.h = h
+        self.guest = guest
+        self.tmp = tmp
+        self.env = os.environ | {"TMPDIR": str(tmp)}  # run dirs land here
+        # libguestfs keeps its appliance under $TMPDIR when set: keep the machine's for it.
+        self.plain_env = dict(os.environ)
+        self.running: list[Running] = []
+
+    def argv(self, args) -> list[str]:
+        return [str(self.h.VMSYNTH), *(str(a) for a in args)]
+
+    def run(self, *args, env: dict[str, str] | None = None, timeout: float = HANG) -> Result:
+        p = subprocess.run(self.argv(args), capture_output=True, text=True, check=False,
+                           stdin=subprocess.DEVNULL, env=self.env if env is None else env,
+                           timeout=timeout)
+        return Result(p.returncode, p.stdout, p.stderr)
+
+    def guestfs(self, *args) -> Result:
+        """A command that launches libguestfs."""
+        return self.run(*args, env=self.plain_env)
+
+    def start(self, *args, env: dict[str, str] | None = None) -> Running:
+        r = Running(self.argv(args), self.env if env is None else env, self.tmp)
+        self.running.append(r)
+        return r
+
+    def boot_args(self, *, ready: str = "VMSYNTH-MARKER-END", mode: str | None = None,
+                  accel_name: str | None = "tcg", vnc: str = "none") -> list[object]:
+        """None for accel_name: vmsynth's default (auto)."""
+        append = APPEND + (f" vmsynth.mode={mode}" if mode else "")
+        return ["--kernel", self.guest.kernel, "--initrd", self.guest.initrd, "--append", append,
+                "--ready", ready, "--vnc", vnc, *(["--accel", accel_name] if accel_name else [])]
+
+    def child(self, backing: Path, name: str) -> Path:
+        """A fresh qcow2 child of `backing`, so a VM never writes into a shared image."""
+        path = self.tmp / name
+        self.h.qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path)
+        return path
+
+    def qemu_left(self) -> list[int]:
+        return self.h.qemu_processes(str(self.tmp))
+
+    def run_dirs_left(self) -> list[Path]:
+        return sorted(self.tmp.glob("vmsynth-vm-*"))
+
+    def assert_clean(self) -> None:
+        assert self.qemu_left() == [], "QEMU processes left behind"
+        assert self.run_dirs_left() == [], "run directories left behind"
+
+    def teardown(self) -> None:
+        for r in self.running:
+            if r.proc.poll() is None:
+                os.killpg(r.proc.pid, signal.SIGKILL)
+                r.proc.wait()
+        for pid in self.qemu_left():  # only after a failed test: never leak a VM
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def bench(h, guest, host_accel, vmsynth_home):
+    # Short: QMP socket paths must stay under the 108-byte limit of Unix socket names.
+    tmp = Path(tempfile.mkdtemp(prefix="vmt-", dir="/tmp"))
+    b = Bench(h, guest, tmp)
+    yield b
+    b.teardown()
+
+
+def assert_gone(h, pid: int) -> None:
+    assert not h.alive(pid), f"QEMU {pid} still runs: {h.cmdline(pid)}"
+
+
+# ------------------------------------------------------------------------------ 1. boot
+
+@pytest.mark.vm
+def test_boot_a_synthesized_vm(bench, images, guest, h):
+    disk = bench.tmp / "synth.qcow2"
+    r = bench.run("apply", images.overlay, "--base", guest.base, "-o", disk)
+    assert r.code == 0, r.err
+    serial = bench.tmp / "serial.log"
+    r = bench.run("boot", disk, *bench.boot_args(), "--serial", serial, "--json")
+    assert r.code == 0, r.err
+    assert marker_lines(serial.read_text(errors="replace")) == [MARKER]
+    ready = r.first_json()
+    assert ready["event"] == "ready"
+    assert ready["accel"] == "tcg"
+    assert Path(ready["serial_log"]) == serial
+    qmp = Path(ready["qmp_socket"])
+    assert qmp.parent.parent == bench.tmp and qmp.parent.name.startswith("vmsynth-vm-"), qmp
+    assert isinstance(ready["pid"], int) and ready["pid"] > 1
+    assert_gone(h, ready["pid"])
+    assert not qmp.parent.exists()
+    bench.assert_clean()
+
+
+# ------------------------------------------------------------------------------ 2. run
+
+@pytest.mark.vm
+def test_run_rebuilds_boots_and_leaves_nothing(bench, images, guest, vmsynth_home, h):
+    r = bench.run("run", images.overlay, "--base", guest.base, *bench.boot_args(),
+                  "--serial", "-")
+    assert r.code == 0, r.err
+    assert marker_lines(r.out) == [MARKER]
+    pid = re.search(r"\bpid (\d+)", r.err)
+    assert pid, r.err
+    assert_gone(h, int(pid.group(1)))
+    sessions = vmsynth_home / "sessions"
+    assert sessions.is_dir()
+    assert list(sessions.iterdir()) == []
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_run_keep_keeps_the_rebuilt_disk(bench, images, guest, vmsynth_home, h):
+    serial = bench.tmp / "serial.log"
+    r = bench.run("run", images.overlay, "--base", guest.base, *bench.boot_args(), "--keep",
+                  "--serial", serial, "--json")
+    assert r.code == 0, r.err
+    assert marker_lines(serial.read_text(errors="replace")) == [MARKER]
+    sid = r.first_json()["session"]
+    sessions = vmsynth_home / "sessions"
+    assert [p.name for p in sessions.iterdir()] == [sid]
+    disk = sessions / sid / "disk.qcow2"
+    assert disk.is_file()
+    assert h.qemu_img("compare", guest.app, disk, check=False).returncode == 0
+    bench.assert_clean()
+
+
+# ------------------------------------------------------------------------------ 3. check
+
+@pytest.mark.vm
+def test_check_a_good_image(bench, images, h):
+    before = h.file_sha256(images.synth)
+    r = bench.guestfs("check", images.synth)
+    assert r.code == 0, r.err
+    assert f"{images.synth}: /dev/sda ext4: clean" in r.out.splitlines()
+    assert h.file_sha256(images.synth) == before, "check changed the image"
+
+
+@pytest.mark.vm
+def test_check_a_good_image_json(bench, images):
+    r = bench.guestfs("check", images.synth, "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["ok"] is True
+    assert doc["image"] == str(images.synth)
+    assert doc["filesystems"] == [{"device": "/dev/sda", "fstype": "ext4", "status": "clean"}]
+    assert isinstance(doc["operating_systems"], list)
+
+
+@pytest.mark.vm
+def test_check_a_corrupted_image(bench, images, h):
+    bad = bench.child(images.synth, "corrupt.qcow2")
+    # Block 1 of this 4 KiB-block ext4: its group descriptors (the superblock is left intact).
+    h.qemu_io(bad, "write -P 0x5a 4096 4096")
+    before = h.file_sha256(bad)
+    r = bench.guestfs("check", bad)
+    line = assert_one_line_error(r, ExitCode.CHECK_FAILED)
+    assert str(bad) in line and "ext4" in line
+    assert h.file_sha256(bad) == before, "check changed the image"
+
+
+@pytest.mark.vm
+def test_check_an_image_without_a_filesystem(bench, h):
+    blank = bench.tmp / "blank.qcow2"
+    h.qemu_img("create", "-q", "-f", "qcow2", blank, "64M")
+    r = bench.guestfs("check", blank)
+    line = assert_one_line_error(r, ExitCode.CHECK_FAILED)
+    assert "no filesystem" in line
+
+
+@pytest.mark.vm
+def test_apply_check_passes_on_the_good_overlay(bench, images, guest, h):
+    out = bench.tmp / "checked.qcow2"
+    r = bench.guestfs("apply", images.overlay, "--base", guest.base, "-o", out, "--check")
+    assert r.code == 0, r.err
+    assert f"{out}: /dev/sda ext4: clean" in r.out.splitlines()
+    assert h.qemu_img("compare", guest.app, out, check=False).returncode == 0
+
+
+# ------------------------------------------------------------------------------ 4. inspect --files
+
+@pytest.mark.vm
+def test_inspect_files_lists_the_guest_files_the_overlay_changes(bench, images, guest):
+    r = bench.guestfs("inspect", images.overlay, "--files", "--base", guest.base, "--json")
+    assert r.code == 0, r.err
+    files = r.json()["files"]
+    found = {f["path"]: (f["change"], f["size"]) for f in files}
+    assert found["/app/bigfile.bin"] == ("added", 4 * MiB)
+    # What fixtures/build-guest.sh does to the child, and nothing else (a deletion is not
+    # listed: only added and modified files are).
+    assert {p: c for p, (c, _) in found.items()} == {
+        "/app/bigfile.bin": "added", "/app/zeros.bin": "added",
+        "/app/library-copy.bin": "added", "/app/data.bin": "modified",
+        "/app/notes.txt": "modified", "/app/config.ini": "modified", "/marker.txt": "modified"}
+    assert found["/marker.txt"][1] == len(MARKER) + 1
+    assert found["/app/zeros.bin"][1] == 1 * MiB
+    sizes = [f["size"] for f in files]
+    assert sizes == sorted(sizes, reverse=True), "largest first"
+
+
+def test_inspect_files_without_base_is_a_usage_error(h, small_pair, tmp_path):
+    overlay = tmp_path / "app.vmo"
+    overlay.write_bytes(small_pair.overlay)
+    p = h.run(h.VMSYNTH, "inspect", overlay, "--files", check=False)
+    r = Result(p.returncode, p.stdout, p.stderr)
+    line = assert_one_line_error(r, ExitCode.USAGE)
+    assert "--base" in line
+    assert r.out == ""
+
+
+# ------------------------------------------------------------------------------ 5. accelerator
+
+@pytest.mark.vm
+def test_auto_accel_agrees_with_a_real_probe_and_caches_it(host_accel, _host_cache):
+    works = kvm_works(host_accel)  # exactly one real probe for two choose() calls
+    why = host_accel.probes[0][1]
+    assert host_accel.first.name == ("kvm" if works else "tcg")
+    assert host_accel.second == host_accel.first
+    if not works:  # says why it falls back
+        assert why in host_accel.first.reason
+    cached = list(_host_cache.glob("accel-*.json"))
+    assert len(cached) == 1
+    assert json.loads(cached[0].read_text()) == [works, why]
+
+
+@pytest.mark.vm
+def test_the_probe_guest_boots_under_tcg(h, tmp_path):
+    """A failed probe must mean KVM fails, not that the probe's own guest is broken."""
+    kernel, busybox = accel.probe_kernel(), h.which("busybox")
+    if kernel is None or busybox is None:
+        _unavailable("no /boot/vmlinuz-* or no busybox: the probe cannot run here")
+    initrd = tmp_path / "probe.cpio"
+    initrd.write_bytes(accel._probe_initramfs(Path(busybox)))
+    p = subprocess.run(
+        ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none",
+         "-no-reboot", "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
+         "-append", APPEND], stdin=subprocess.DEVNULL, capture_output=True, timeout=HANG,
+        check=False)
+    assert accel.PROBE_OK in p.stdout.decode(errors="replace"), p.stdout[-2000:]
+
+
+@pytest.mark.vm
+def test_boot_accel_kvm(bench, images, host_accel, h):
+    disk = bench.child(images.synth, "disk.qcow2")
+    serial = bench.tmp / "serial.log"
+    r = bench.run("boot", disk, *bench.boot_args(accel_name="kvm"), "--serial", serial,
+                  "--json")
+    if kvm_works(host_accel):
+        assert r.code == 0, r.err
+        assert r.first_json()["accel"] == "kvm"
+        assert marker_lines(serial.read_text(errors="replace")) == [MARKER]
+    else:
+        line = assert_one_line_error(r, ExitCode.ACCEL_UNAVAILABLE)
+        assert host_accel.probes[0][1] in line
+        assert not serial.exists(), "no VM should have been started"
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_boot_accel_auto(bench, images, host_accel):
+    disk = bench.child(images.synth, "disk.qcow2")
+    r = bench.run("boot", disk, *bench.boot_args(accel_name="auto"), "--serial", "-")
+    assert r.code == 0, r.err
+    assert marker_lines(r.out) == [MARKER]
+    if kvm_works(host_accel):
+        assert "(kvm)" in r.err
+    else:
+        notice = [ln for ln in r.err.splitlines() if ln.startswith("notice:")]
+        assert len(notice) == 1 and host_accel.probes[0][1] in notice[0], r.err
+        assert "(tcg)" in r.err
+    bench.assert_clean()
+
+
+class FakeProbe:
+    def __init__(self) -> None:
+        self.answer: tuple[bool, str] = (False, "fake: guests hang")
+        self.calls = 0
+
+    def __call__(self, timeout: float = accel.PROBE_TIMEOUT) -> tuple[bool, str]:
+        self.calls += 1
+        return self.answer
+
+
+@pytest.fixture
+def fake_probe(monkeypatch, tmp_path) -> FakeProbe:
+    monkeypatch.setenv("VMSYNTH_HOST_CACHE", str(tmp_path / "host"))
+    probe = FakeProbe()
+    monkeypatch.setattr(accel, "probe_kvm", probe)
+    return probe
+
+
+def test_tcg_asked_for_never_probes(fake_probe):
+    assert accel.choose("tcg").name == "tcg"
+    assert fake_probe.calls == 0
+
+
+@pytest.mark.parametrize("works", [True, False])
+def test_auto_follows_the_probe(fake_probe, works):
+    fake_probe.answer = (works, "fake: the reason")
+    chosen = accel.choose("auto")
+    assert chosen.name == ("kvm" if works else "tcg")
+    assert "fake: the reason" in chosen.reason
+    assert chosen.qemu_args()[:2] == ["-accel", chosen.name]
+
+
+def test_kvm_asked_for_where_it_works(fake_probe):
+    fake_probe.answer = (True, "fake: fine")
+    assert accel.choose("kvm").name == "kvm"
+
+
+def test_kvm_asked_for_where_it_does_not_work(fake_probe):
+    with pytest.raises(AccelError) as info:
+        accel.choose("kvm")
+    assert info.value.exit_code == ExitCode.ACCEL_UNAVAILABLE
+    assert "fake: guests hang" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert "--accel tcg" in (info.value.hint or "")
+
+
+def test_the_probe_runs_once_per_host(fake_probe, monkeypatch):
+    first = accel.choose("auto")
+    fake_probe.answer = (True, "fake: changed its mind")  # the cache answers, not the probe
+    assert accel.choose("auto") == first
+    with pytest.raises(AccelError):
+        accel.choose("kvm")
+    assert fake_probe.calls == 1
+    monkeypatch.setattr(accel, "_host_key", lambda: "another-host")  # e.g. QEMU upgraded
+    assert accel.choose("auto").name == "kvm"
+    assert fake_probe.calls == 2
+
+
+def test_an_unwritable_cache_costs_a_probe_not_a_failure(fake_probe, monkeypatch, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("VMSYNTH_HOST_CACHE", str(not_a_dir))
+    assert accel.choose("auto").name == "tcg"
+    assert accel.choose("auto").name == "tcg"
+    assert fake_probe.calls == 2
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage", b"[true", b"{}", b"null", b"42",
+                                     b'{"works": true, "why": "a newer format"}'],
+                         ids=["binary", "truncated", "empty-object", "null", "number",
+                              "other-shape"])
+def test_a_malformed_cache_is_probed_again_not_trusted(fake_probe, content):
+    cache = accel.host_cache() / f"accel-{accel._host_key()}.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(content)
+    assert accel.choose("auto").name == "tcg"  # what the probe says
+    assert fake_probe.calls == 1
+
+
+def test_qemu_command_line(tmp_path):
+    disk = tmp_path / "a,b.qcow2"
+
+    def command(vnc: str, name: str = "tcg") -> list[str]:
+        m = Machine(BootOptions(disk=disk, accel=accel.Accel(name, "test"), vnc=vnc))
+        try:
+            return m.command()
+        finally:
+            m.stop(grace=0)  # removes its run directory
+
+    cmd = command(":7")
+    drive = cmd[cmd.index("-drive") + 1]
+    assert drive.startswith(f"file={tmp_path}/a,,b.qcow2,format=qcow2,"), drive
+    assert cmd[cmd.index("-vnc") + 1] == "127.0.0.1:7"
+    assert cmd[cmd.index("-accel") + 1] == "tcg"
+    auto = command("auto")
+    assert re.fullmatch(r"127\.0\.0\.1:0,to=\d+", auto[auto.index("-vnc") + 1])
+    assert "-vnc" not in command("none")
+    assert command(":1", "kvm")[1:5] == ["-accel", "kvm", "-cpu", accel.KVM_CPU]
+
+
+# ------------------------------------------------------------------------------ 6. bad input
+
+@pytest.mark.vm
+def test_a_disk_that_does_not_boot(bench, h):
+    blank = bench.tmp / "blank.qcow2"
+    h.qemu_img("create", "-q", "-f", "qcow2", blank, "64M")
+    r = bench.run("boot", blank, *bench.boot_args(), "--serial", bench.tmp / "serial.log")
+    line = assert_one_line_error(r, ExitCode.BOOT_FAILED)
+    assert "VMSYNTH-ERROR: cannot mount /dev/vda" in line, "the serial tail belongs in it"
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_ready_text_that_never_comes(bench, images):
+    disk = bench.child(images.synth, "disk.qcow2")
+    # Counter mode never powers off: only the timeout can end this boot.
+    r = bench.run("boot", disk, *bench.boot_args(mode="counter", ready="NEVER-PRINTED"),
+                  "--timeout", "4", "--grace", "1")
+    line = assert_one_line_error(r, ExitCode.BOOT_FAILED)
+    assert "NEVER-PRINTED" in line
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("missing", ["disk", "kernel", "initrd"])
+def test_a_missing_input_file(bench, images, missing):
+    paths = {"disk": bench.child(images.synth, "disk.qcow2"), "kernel": bench.guest.kernel,
+             "initrd": bench.guest.initrd}
+    paths[missing] = bench.tmp / f"no-such-{missing}"
+    r = bench.run("boot", paths["disk"], "--kernel", paths["kernel"], "--initrd",
+                  paths["initrd"], "--append", APPEND, "--vnc", "none", "--accel", "tcg")
+    line = assert_one_line_error(r, ExitCode.BAD_INPUT)
+    assert str(paths[missing]) in line
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_qemu_not_installed(bench, images):
+    empty = bench.tmp / "empty-bin"
+    empty.mkdir()
+    r = bench.run("boot", bench.child(images.synth, "disk.qcow2"), *bench.boot_args(),
+                  env=bench.env | {"PATH": str(empty)})
+    line = assert_one_line_error(r, ExitCode.TOOL)
+    assert "qemu-system-x86" in line.partition("apt-get install")[2], line
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_qemu_not_installed_with_the_default_accel(bench, images, h):
+    """--accel auto is the default: the KVM probe must not crash when QEMU is missing."""
+    only_busybox = bench.tmp / "bin"
+    only_busybox.mkdir()
+    if h.which("busybox"):
+        (only_busybox / "busybox").symlink_to(h.which("busybox"))
+    env = bench.env | {"PATH": str(only_busybox), "VMSYNTH_HOST_CACHE": str(bench.tmp / "hc")}
+    r = bench.run("boot", bench.child(images.synth, "disk.qcow2"),
+                  *bench.boot_args(accel_name=None), env=env)
+    line = assert_one_line_error(r, ExitCode.TOOL)
+    assert "qemu-system-x86" in line
+    bench.assert_clean()
+
+
+def listen_on_a_vnc_display() -> tuple[socket.socket, int]:
+    """Hold the lowest free VNC display of 127.0.0.1 (the first one `--vnc auto` would take)."""
+    for display in range(100):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind(("127.0.0.1", 5900 + display))
+        except OSError:
+            s.close()
+            continue
+        s.listen()
+        return s, display
+    pytest.fail("no free VNC display on 127.0.0.1")
+
+
+@pytest.mark.vm
+def test_vnc_display_in_use(bench, images):
+    holder, display = listen_on_a_vnc_display()
+    with holder:
+        r = bench.run("boot", bench.child(images.synth, "disk.qcow2"),
+                      *bench.boot_args(vnc=f":{display}"))
+    line = assert_one_line_error(r, ExitCode.BOOT_FAILED)
+    assert "--vnc auto" in line, "the hint says what to do"
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_vnc_auto_takes_another_display(bench, images, h):
+    holder, taken = listen_on_a_vnc_display()
+    with holder:
+        vm = bench.start("boot", bench.child(images.synth, "disk.qcow2"),
+                         *bench.boot_args(mode="counter", ready="tick 1", vnc="auto"),
+                         "--grace", "1", "--json")
+        vnc = vm.ready_event()["vnc"]
+        assert vnc and vnc["display"] != f":{taken}", vnc
+        assert vnc["port"] == 5900 + int(vnc["display"].lstrip(":"))
+        with socket.create_connection((vnc["host"], vnc["port"]), timeout=30) as c:
+            assert c.recv(12).startswith(b"RFB "), "a VNC server answers there"
+    vm.send(signal.SIGINT)
+    assert vm.finish().code == ExitCode.INTERRUPTED
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_vm_and_cleans_up(bench, images, h, sig):
+    disk = bench.child(images.synth, "disk.qcow2")
+    vm = bench.start("boot", disk, *bench.boot_args(mode="counter", ready="tick 2"),
+                     "--grace", "1", "--json")
+    ready = vm.ready_event()
+    pid, run_dir = ready["pid"], Path(ready["qmp_socket"]).parent
+    assert h.alive(pid) and str(disk) in " ".join(h.cmdline(pid)), "the pid is our QEMU"
+    assert run_dir.is_dir()
+    vm.send(sig)
+    r = vm.finish()
+    line = assert_one_line_error(r, ExitCode.INTERRUPTED)
+    assert "interrupted" in line
+    assert_gone(h, pid)
+    assert not run_dir.exists()
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_run_that_fails_to_boot_leaves_no_session(bench, images, guest, vmsynth_home):
+    missing = bench.tmp / "no-such-kernel"
+    r = bench.run("run", images.overlay, "--base", guest.base, "--kernel", missing,
+                  "--vnc", "none", "--accel", "tcg")
+    line = assert_one_line_error(r, ExitCode.BAD_INPUT)
+    assert str(missing) in line
+    assert list((vmsynth_home / "sessions").iterdir()) == []
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_run_interrupted_scrubs_the_session(bench, images, guest, vmsynth_home, h):
+    serial = bench.tmp / "serial.log"
+    vm = bench.start("run", images.overlay, "--base", guest.base,
+                     *bench.boot_args(mode="counter", ready="NEVER-PRINTED"),
+                     "--grace", "1", "--serial", serial)
+    sessions = vmsynth_home / "sessions"
+    disk = vm.until("the session disk", lambda: next(sessions.glob("*/disk.qcow2"), None))
+    assert (disk.parent.stat().st_mode & 0o777) == 0o700
+    vm.until("QEMU on the session disk", lambda: [
+        p for p in bench.qemu_left() if str(disk) in " ".join(h.cmdline(p))])
+    vm.until("the guest running", lambda: "tick 1" in serial.read_text(errors="replace"))
+    kept = bench.tmp / "link-to-session-disk"
+    os.link(disk, kept)  # the same inode: shows what the scrub leaves in it
+    size = kept.stat().st_size
+    vm.send(signal.SIGINT)
+    r = vm.finish()
+    assert_one_line_error(r, ExitCode.INTERRUPTED)
+    assert list(sessions.iterdir()) == [], "the session is gone"
+    assert kept.stat().st_size == size
+    assert kept.read_bytes().count(0) == size, "the disk was zeroed before it was deleted"
+    bench.assert_clean()
+
+
+# ------------------------------------------------------------------------------ 7. scrub
+
+def test_scrub_file_zeroes_the_bytes_before_unlinking(tmp_path, h):
+    path = tmp_path / "disk.qcow2"
+    data = h.det_bytes("scrub", 3 * session.SCRUB_CHUNK + 12345)  # several chunks and a tail
+    path.write_bytes(data)
+    other = tmp_path / "other-link"
+    os.link(path, other)
+    session.scrub_file(path)
+    assert not path.exists()
+    assert other.read_bytes() == bytes(len(data))
+
+
+def test_scrub_file_of_a_missing_file_is_a_no_op(tmp_path):
+    session.scrub_file(tmp_path / "nothing-here")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_destroy_scrubs_the_session_and_only_the_session(tmp_path, h, vmsynth_home):
+    outside = tmp_path / "user-file"
+    outside.write_bytes(h.det_bytes("outside", 10000))
+    s = session.new()
+    (s.dir / "sub").mkdir()
+    s.disk.write_bytes(h.det_bytes("disk", 70000))
+    (s.dir / "sub" / "nested.bin").write_bytes(h.det_bytes("nested", 5000))
+    (s.dir / "link").symlink_to(outside)
+    kept = {tmp_path / "disk": s.disk, tmp_path / "nested": s.dir / "sub" / "nested.bin"}
+    for link, target in kept.items():
+        os.link(target, link)
+    session.destroy(s)
+    assert not s.dir.exists()
+    for link in kept:
+        assert link.read_bytes().count(0) == link.stat().st_size > 0, link
+    assert outside.read_bytes() == h.det_bytes("outside", 10000), \
+        "a symlink in the session must not get its target zeroed"
