@@ -294,7 +294,9 @@ class OverlayStream:
         tail = SECTION.pack(tag, summary_len) + summary + index_head + entries + trailer
         footer = _parse_footer(tail, start, start + len(tail), self.header.encrypted)
         for entry, (offset, head) in zip(footer.index, seen, strict=True):
-            if (entry.offset, entry.digest, entry.stored_length) != \
-                    (offset, head.digest, head.stored_length):
+            if (entry.offset, entry.digest, entry.stored_length, entry.raw_length,
+                    entry.record_count, entry.stream, entry.codec) != \
+                    (offset, head.digest, head.stored_length, head.raw_length,
+                     head.record_count, head.stream, head.codec):
                 raise CorruptOverlayError(f"overlay index disagrees with frame {head.seq}")
         return footer

@@ -40,7 +40,7 @@ def master_from_passphrase(passphrase: str, kdf: dict[str, Any]) -> bytes:
     try:
         salt = bytes.fromhex(kdf["salt"])
         n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise CorruptOverlayError(f"overlay's key derivation parameters are malformed ({err})")
     if not (2 <= n <= SCRYPT_LIMITS["n"] and n & (n - 1) == 0 and 1 <= r <= SCRYPT_LIMITS["r"]
             and 1 <= p <= SCRYPT_LIMITS["p"] and len(salt) >= 16):
@@ -100,7 +100,9 @@ def open_sealer(encryption: dict[str, Any], header_digest: bytes, key_file: byte
             raise UnsupportedFormatError(f"unknown cipher {encryption['cipher']!r}")
         file_id = bytes.fromhex(encryption["file_id"])
         kdf = dict(encryption["kdf"])
-        check = str(encryption["key_check"])
+        check = encryption["key_check"]
+        if not isinstance(check, str) or not check.isascii():
+            raise ValueError("key_check is not a hex string")
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptOverlayError(f"overlay's encryption block is malformed ({err})") from err
     if kdf.get("name") == "scrypt":

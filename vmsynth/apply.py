@@ -35,9 +35,10 @@ class ClusterSink:
     overlay does not change are filled from the base before it is written.
     """
 
-    def __init__(self, writer: Qcow2Writer, base_read: Read) -> None:
+    def __init__(self, writer: Qcow2Writer, base_read: Read, base_size: int) -> None:
         self.writer = writer
         self.base_read = base_read
+        self.base_size = base_size
         self.cs = writer.cluster_size
         self.index = -1
         self.buf: bytearray | None = None
@@ -62,6 +63,16 @@ class ClusterSink:
 
     def zero(self, offset: int, length: int) -> None:
         end = offset + length
+        # Whole clusters past the base's end already read as zeros in a fresh child: skip
+        # them in one step (a huge zero run there must cost nothing).
+        past = -(-self.base_size // self.cs) * self.cs
+        if end > past and offset < end:
+            tail_start = max(offset, past)
+            whole_from = -(-tail_start // self.cs) * self.cs
+            whole_to = end // self.cs * self.cs
+            if whole_to > whole_from and (self.index < 0 or self.index * self.cs < whole_from):
+                self.zero(offset, whole_from - offset)
+                offset = whole_to
         while offset < end:
             index, within = divmod(offset, self.cs)
             n = min(self.cs - within, end - offset)
@@ -106,13 +117,19 @@ class ApplyReport:
 
 
 def rebuild(overlay: OverlayStream, base: Base, child: Path, sealer: Sealer | None = None,
-            progress: Callable[[int], None] | None = None) -> ReplayReport:
-    """Write the overlay's result to `child`, a qcow2 whose backing file is the base."""
+            progress: Callable[[int], None] | None = None, whole_sectors: bool = False
+            ) -> ReplayReport:
+    """Write the overlay's result to `child`, a qcow2 whose backing file is the base.
+
+    `whole_sectors` rounds the disk size up to 512 bytes (zeros), for qemu-img, which
+    would otherwise cut a disk's last partial sector.
+    """
     manifest = disk_manifest(overlay.header.manifest)
     base.check_matches(manifest.base)
-    writer = Qcow2Writer(child, manifest.virtual_size, backing=str(base.path))
+    size = -(-manifest.virtual_size // 512) * 512 if whole_sectors else manifest.virtual_size
+    writer = Qcow2Writer(child, size, backing=str(base.path))
     try:
-        sink = ClusterSink(writer, base.image.read)
+        sink = ClusterSink(writer, base.image.read, base.identity.virtual_size)
         report = replay(overlay, manifest, base.image.read, sink, progress, sealer)
         sink.flush()
         writer.finish()
@@ -145,7 +162,7 @@ def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
             os.close(fd)
             child = Path(child_name)
             try:
-                report = rebuild(overlay, base, child, sealer, progress)
+                report = rebuild(overlay, base, child, sealer, progress, whole_sectors=True)
                 run("qemu-img", "convert", "-O", "qcow2", str(child), str(tmp))
                 if sealer is not None:
                     os.chmod(tmp, 0o600)  # qemu-img recreated it with the usual mode

@@ -130,11 +130,8 @@ class Base:
             os.close(self.lock)
             self.lock = None
 
-    def check_matches(self, wanted: dict[str, object]) -> None:
+    def check_matches(self, want: Identity) -> None:
         """Refuse unless this base's contents are the ones an overlay was made for."""
-        want = Identity(str(wanted.get("name", "")), str(wanted.get("version", "")),
-                        int(wanted.get("virtual_size", -1)),  # type: ignore[call-overload]
-                        str(wanted.get("digest", "")))
         if want.digest == self.identity.digest and want.virtual_size == self.identity.virtual_size:
             return
         raise BaseMismatchError(

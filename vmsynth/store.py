@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,18 +40,26 @@ def _umask() -> int:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
     return True
 
 
+_TEMP_TAIL = re.compile(r"(\d{1,10})\.[A-Za-z0-9_]+(?:\.child)?\.tmp")
+
+
 def remove_stale_temps(final: Path) -> None:
-    """Delete temporary files for `final` left by processes that no longer exist."""
-    for leftover in final.parent.glob(f".{final.name}.*.tmp"):
-        parts = leftover.name[len(final.name) + 2:].split(".")
-        if parts and parts[0].isdigit() and not _alive(int(parts[0])):
+    """Delete temporary files for `final` left by processes that no longer exist.
+
+    Only names of exactly our shape count (`.NAME.PID.RANDOM[.child].tmp`), so the
+    temporaries of a longer output name beside it are never mistaken for ours.
+    """
+    prefix = f".{final.name}."
+    for leftover in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        match = _TEMP_TAIL.fullmatch(leftover.name[len(prefix):])
+        if match and not _alive(int(match.group(1))):
             leftover.unlink(missing_ok=True)
 
 

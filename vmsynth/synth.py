@@ -21,6 +21,7 @@ from vmsynth.formats.frames import FrameHead, Record, decode_payload
 from vmsynth.formats.layout import MAX_FRAME_RAW, RECORD, Kind, Stream
 from vmsynth.formats.seal import Sealer
 
+from .bases import Identity
 from .blocks import BLOCK, CHUNK
 from .errors import CorruptOverlayError, UnsupportedFormatError
 
@@ -28,26 +29,47 @@ WORKERS = 2
 LOOKAHEAD = 4
 
 
+MAX_DISK = 1 << 48  # 256 TiB: beyond any real disk, and what a qcow2 writer can index cheaply
+
+
 @dataclass(frozen=True)
 class DiskManifest:
     virtual_size: int
-    base: dict
+    base: Identity
     block_size: int
 
 
+def _size(value: object, what: str) -> int:
+    """A size from the manifest: a true integer in range (no floats, bools or strings)."""
+    if type(value) is not int or not 0 <= value <= MAX_DISK:
+        raise CorruptOverlayError(f"overlay manifest has an invalid {what}: {str(value)[:40]!r}")
+    return value
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str) or len(value) > 256:
+        raise CorruptOverlayError(f"overlay manifest has an invalid {what}")
+    return value
+
+
 def disk_manifest(manifest: dict) -> DiskManifest:
+    """The manifest's fields that rebuilding needs, each checked for type and range."""
     try:
         streams = {s["kind"]: s for s in manifest["streams"]}
-        disk = streams["disk"]
-        out = DiskManifest(int(disk["virtual_size"]), dict(manifest["base"]),
-                           int(manifest["block_size"]))
-    except (KeyError, TypeError, ValueError) as err:
+        disk, base = streams["disk"], manifest["base"]
+        out = DiskManifest(
+            _size(disk["virtual_size"], "disk size"),
+            Identity(_text(base["name"], "base name"), _text(base["version"], "base version"),
+                     _size(base["virtual_size"], "base size"), _text(base["digest"], "base digest")),
+            _size(manifest["block_size"], "block size"))
+    except (KeyError, TypeError) as err:
         raise CorruptOverlayError(f"overlay manifest lacks a required field ({err})") from err
     if set(streams) - {"disk"}:
         raise UnsupportedFormatError(f"overlay holds streams this vmsynth cannot rebuild: "
-                                     f"{sorted(set(streams) - {'disk'})}", hint="upgrade vmsynth")
-    if out.block_size != BLOCK or out.virtual_size < 0:
-        raise CorruptOverlayError("overlay manifest has an invalid block or disk size")
+                                     f"{sorted(map(str, set(streams) - {'disk'}))}",
+                                     hint="upgrade vmsynth")
+    if out.block_size != BLOCK:
+        raise CorruptOverlayError("overlay manifest has an invalid block size")
     return out
 
 
@@ -70,7 +92,7 @@ def _decode(head: FrameHead, stored: bytes, base_read: Callable[[int, int], byte
             sealer: Sealer | None) -> Decoded:
     records, area = decode_payload(head, stored, sealer)
     out: list[bytes | None] = []
-    pos = 0
+    pos = produced = 0
     for r in records:
         chunk = bytes(area[pos: pos + r.stored])
         pos += r.stored
@@ -79,11 +101,13 @@ def _decode(head: FrameHead, stored: bytes, base_read: Callable[[int, int], byte
                 raise CorruptOverlayError(f"frame {head.seq}: data record size mismatch")
             out.append(chunk)
         elif r.kind is Kind.DELTA:
-            if r.length > MAX_FRAME_RAW:
-                raise CorruptOverlayError(f"frame {head.seq}: delta record is too large")
             if base_read is None:  # checking without a base: the frame digest covered it
                 out.append(None)
                 continue
+            produced += r.length  # what a frame's deltas expand to is held in memory: bound it
+            if produced > MAX_FRAME_RAW:
+                raise CorruptOverlayError(f"frame {head.seq}: delta records expand beyond "
+                                          f"{MAX_FRAME_RAW} bytes")
             dictionary = zstandard.ZstdCompressionDict(
                 base_read(r.source, r.length), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             try:
@@ -136,7 +160,7 @@ def replay(overlay: OverlayStream, manifest: DiskManifest,
     Without a base (`base_read` None) only the structure and the frame digests are checked:
     the result digest needs the base's bytes.
     """
-    size, base_size = manifest.virtual_size, int(manifest.base.get("virtual_size", 0))
+    size, base_size = manifest.virtual_size, manifest.base.virtual_size
     rebuild = base_read is not None and sink is not None
     end = 0  # records must ascend without overlap: the result before `end` is final
     digests = hashlib.sha256()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -78,6 +78,12 @@ def describe(path: Path, key: Key | None = None) -> dict[str, Any]:
         size = footer.file_length
     header = overlay.header
     manifest = disk_manifest(header.manifest)
+    encryption = header.manifest.get("encryption")
+    if header.encrypted and not (isinstance(encryption, dict) and
+                                 isinstance(encryption.get("cipher"), str) and
+                                 isinstance(encryption.get("kdf"), dict) and
+                                 isinstance(encryption["kdf"].get("name"), str)):
+        raise CorruptOverlayError("overlay's encryption block is malformed")
     sealer = sealer_for(header, key) if key is not None or not header.encrypted else None
     summary: dict[str, Any] = open_summary(footer, sealer) if sealer or not header.encrypted \
         else {"payload_raw_bytes": sum(e.raw_length for e in footer.index),
@@ -86,20 +92,22 @@ def describe(path: Path, key: Key | None = None) -> dict[str, Any]:
         raw = int(summary.get("payload_raw_bytes", 0))
         stored = int(summary.get("payload_stored_bytes", 0))
         blocks = {str(k): int(v) for k, v in dict(summary.get("blocks", {})).items()}
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise CorruptOverlayError(f"overlay summary has a malformed field ({err})") from err
+    if min(raw, stored, *blocks.values(), 0) < 0:
+        raise CorruptOverlayError("overlay summary has a negative size or count")
     return {
         "path": str(path),
         "format_version": f"{header.major}.{header.minor}",
-        "base": manifest.base,
+        "base": asdict(manifest.base),
         "sizes": {"overlay": size, "payload_uncompressed": raw, "payload_stored": stored,
                   "virtual_disk": manifest.virtual_size},
         "blocks": blocks,
         "block_size": manifest.block_size,
         "frames": len(footer.index),
         "encrypted": header.encrypted,
-        "encryption": {k: v for k, v in header.manifest.get("encryption", {}).items()
-                       if k in ("cipher", "kdf")} if header.encrypted else None,
+        "encryption": {"cipher": encryption["cipher"], "kdf": encryption["kdf"]}
+        if header.encrypted else None,
         "compression": header.manifest.get("compression", {}),
         "compression_ratio": round(raw / stored, 3) if stored else None,
         "result_digest": summary.get("result_digest"),

@@ -8,10 +8,17 @@ create` diffs them into good.vmo. Each bad vector is good.vmo damaged in one way
 says what a reader must do with each file: accept it (and rebuild the disk whose SHA-256 is
 given), or refuse it with the named error and exit code.
 
-The output is deterministic: the images are made from fixed patterns, and the manifest's
-`created_by` is pinned so that a new vmsynth version does not change the files. The bytes do
-depend on the zstd library (frames are compressed); tests/test_vectors.py checks that running
-this script reproduces the committed files exactly.
+The enc-*.vmo vectors are encrypted (SPEC.md section 8), with the key file vectors.key
+(committed beside them, 32 fixed bytes) or the passphrase PASSPHRASE. For them the top-level
+outcome is what a reader given no key must do (refuse, exit 20); `key` names the key and
+`with_key` is the outcome for a reader given it. The tampered ones are damaged so that only
+the authenticated encryption can tell (frame digests, index and trailer are recomputed).
+
+The output is deterministic: the images are made from fixed patterns, the manifest's
+`created_by` is pinned so that a new vmsynth version does not change the files, and the
+encrypted vectors use fixed file ids and salts (vmsynth.keys.Key's test-vector fields) instead
+of random ones. The bytes do depend on the zstd library (frames are compressed);
+tests/test_vectors.py checks that running this script reproduces the committed files exactly.
 """
 
 from __future__ import annotations
@@ -25,10 +32,25 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
-from vmsynth.formats.layout import DIGEST_SIZE, FRAME_HEAD_SIZE, HEADER, MAJOR
+from vmsynth.formats.container import canonical_json
+from vmsynth.formats.layout import (
+    DIGEST_SIZE,
+    FRAME,
+    FRAME_HEAD_SIZE,
+    FRAME_TAG,
+    HEADER,
+    INDEX_ENTRY,
+    INDEX_TAG,
+    MAJOR,
+    SECTION,
+    SUMMARY_TAG,
+    TRAILER,
+    TRAILER_MAGIC,
+)
 
 from vmsynth import bases
 from vmsynth import create as create_mod
+from vmsynth.keys import Key
 from vmsynth.qcow2 import Qcow2Image, Qcow2Writer
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +61,15 @@ BASE_SIZE = 3 * CLUSTER - 1536  # not a multiple of the block size
 APP_SIZE = BASE_SIZE + 5000  # the app grows the disk
 CREATED_BY = "formats/vectors/make_vectors.py"
 
+# Encrypted vectors: the key file beside this script, a passphrase (not ASCII, to pin down
+# the UTF-8 encoding), and fixed file ids and salt instead of random ones.
+KEY_FILE = "vectors.key"
+PASSPHRASE = "vmsynth test vectors \u2713 passphrase"
+FILE_ID = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
+OTHER_FILE_ID = bytes.fromhex("f0e1d2c3b4a5968778695a4b3c2d1e0f")  # the splice donor's
+SALT = bytes.fromhex("a1b2c3d4e5f60718293a4b5c6d7e8f90")
+SCRYPT_TOO_COSTLY = 1 << 21  # above the n = 2^20 every reader must refuse (SPEC.md 8)
+
 # What a reader must do with each vector (the format's contract, not this code's output).
 EXPECTED = {
     "good.vmo": None,
@@ -47,6 +78,18 @@ EXPECTED = {
     "bad-digest.vmo": ("CorruptOverlayError", 13),
     "unknown-version.vmo": ("UnsupportedFormatError", 12),
     "unknown-feature.vmo": ("UnsupportedFormatError", 12),
+}
+NO_KEY = ("WrongKeyError", 20)  # any encrypted vector, read without its key
+# Encrypted vectors: which key opens them, and what a reader given that key must do.
+EXPECTED_ENCRYPTED = {
+    "enc-key-good.vmo": ("key_file", None),
+    "enc-key-bad-tag.vmo": ("key_file", ("CorruptOverlayError", 13)),
+    "enc-key-swapped.vmo": ("key_file", ("CorruptOverlayError", 13)),
+    "enc-key-dropped-last.vmo": ("key_file", ("CorruptOverlayError", 13)),
+    "enc-key-spliced.vmo": ("key_file", ("CorruptOverlayError", 13)),
+    "enc-pass-good.vmo": ("passphrase", None),
+    "enc-pass-bad-tag.vmo": ("passphrase", ("CorruptOverlayError", 13)),
+    "enc-pass-scrypt-too-costly.vmo": ("passphrase", ("UnsupportedFormatError", 12)),
 }
 
 
@@ -111,8 +154,20 @@ def open_base(path: Path) -> bases.Base:
     return bases.load_path(path, BASE_NAME, BASE_VERSION)
 
 
-def make_good(folder: Path) -> tuple[bytes, dict]:
-    base_path, app_path = build_images(folder)
+def read_key_file() -> bytes:
+    return (HERE / KEY_FILE).read_bytes()
+
+
+def key_for(kind: str, file_id: bytes = FILE_ID) -> Key:
+    """The Key the encrypted vectors are made with (fixed file id and salt)."""
+    if kind == "key_file":
+        return Key(key_file=read_key_file(), file_id=file_id, salt=SALT)
+    return Key(passphrase=PASSPHRASE, file_id=file_id, salt=SALT)
+
+
+def _create(base_path: Path, app_path: Path, key: Key | None = None,
+            frame_data: int | None = None) -> tuple[bytes, dict]:
+    """An overlay of app over base (several small frames with `frame_data`), and its info."""
     original = create_mod.manifest
 
     def pinned(*args, **kwargs) -> dict:
@@ -122,8 +177,9 @@ def make_good(folder: Path) -> tuple[bytes, dict]:
     disk = Qcow2Image(app_path)
     try:
         out = io.BytesIO()
-        with mock.patch.object(create_mod, "manifest", pinned):
-            report = create_mod.create(base, disk, out, level=3)
+        with mock.patch.object(create_mod, "manifest", pinned), \
+                mock.patch.object(create_mod, "FRAME_DATA", frame_data or create_mod.FRAME_DATA):
+            report = create_mod.create(base, disk, out, level=3, key=key)
         app_sha = hashlib.sha256(disk.read(0, disk.virtual_size)).hexdigest()
     finally:
         disk.close()
@@ -132,6 +188,11 @@ def make_good(folder: Path) -> tuple[bytes, dict]:
             "disk_sha256": "sha256:" + app_sha, "virtual_size": APP_SIZE,
             "blocks": report.summary["blocks"]}
     return out.getvalue(), info
+
+
+def make_good(folder: Path) -> tuple[bytes, dict]:
+    base_path, app_path = build_images(folder)
+    return _create(base_path, app_path)
 
 
 def _header_length(data: bytes) -> int:
@@ -163,6 +224,120 @@ def damaged(good: bytes) -> dict[str, bytes]:
     return out
 
 
+# ---------------------------------------------------------------- encrypted vectors
+
+def split_overlay(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bytes,
+                                        list[tuple[int, int]]]:
+    """(header, [(frame head, stored payload)], summary body, [(first target, end)])."""
+    pos = _header_length(data)
+    header, frames = data[:pos], []
+    while data[pos: pos + 4] == FRAME_TAG:
+        head = data[pos: pos + FRAME.size]
+        stored = FRAME.unpack(head)[6]
+        frames.append((head, data[pos + FRAME_HEAD_SIZE: pos + FRAME_HEAD_SIZE + stored]))
+        pos += FRAME_HEAD_SIZE + stored
+    tag, summary_len = SECTION.unpack_from(data, pos)
+    assert tag == SUMMARY_TAG
+    summary = data[pos + SECTION.size: pos + SECTION.size + summary_len]
+    pos += SECTION.size + summary_len
+    tag, count = SECTION.unpack_from(data, pos)
+    assert tag == INDEX_TAG and count == len(frames)
+    entries = [INDEX_ENTRY.unpack_from(data, pos + SECTION.size + i * INDEX_ENTRY.size)
+               for i in range(count)]
+    return header, frames, summary, [(e[7], e[8]) for e in entries]
+
+
+def join_overlay(header: bytes, frames: list[tuple[bytes, bytes]], summary: bytes,
+                 targets: list[tuple[int, int]]) -> bytes:
+    """Reassemble: every frame digest, the index and the trailer are computed afresh."""
+    out = bytearray(header)
+    index = b""
+    for (head, stored), (start, end) in zip(frames, targets, strict=True):
+        _, stream, codec, _, _, count, stored_len, raw_len = FRAME.unpack(head)
+        digest = hashlib.sha256(head + stored).digest()
+        index += INDEX_ENTRY.pack(len(out), stored_len, raw_len, count, stream, codec, 0, start,
+                                  end, digest)
+        out += head + digest + stored
+    summary_offset = len(out)
+    tail = SECTION.pack(SUMMARY_TAG, len(summary)) + summary
+    index_offset = summary_offset + len(tail)
+    tail += SECTION.pack(INDEX_TAG, len(frames)) + index
+    prefix = TRAILER.pack(TRAILER_MAGIC, summary_offset, index_offset,
+                          summary_offset + len(tail) + TRAILER.size,
+                          bytes(DIGEST_SIZE))[:-DIGEST_SIZE]
+    return bytes(out + tail + prefix + hashlib.sha256(tail + prefix).digest())
+
+
+def renumbered(head: bytes, seq: int) -> bytes:
+    fields = list(FRAME.unpack(head))
+    fields[4] = seq
+    return FRAME.pack(*fields)
+
+
+def tampered(good: bytes, donor: bytes) -> dict[str, bytes]:
+    """Encrypted `good` damaged so that only the AEAD catches it (digests all recomputed).
+
+    `donor` is the same disk encrypted with the same key under another file id.
+    """
+    header, frames, summary, targets = split_overlay(good)
+    assert len(frames) >= 3, "the encrypted vectors need several frames"
+    out = {}
+    head, stored = frames[1]
+    bad = bytearray(stored)
+    bad[len(bad) // 2] ^= 0x10  # one bit of frame 1's ciphertext
+    out["bad-tag"] = join_overlay(header, [frames[0], (head, bytes(bad)), *frames[2:]], summary,
+                                  targets)
+    swapped = [(renumbered(frames[1][0], 0), frames[1][1]),
+               (renumbered(frames[0][0], 1), frames[0][1]), *frames[2:]]
+    out["swapped"] = join_overlay(header, swapped, summary,
+                                  [targets[1], targets[0], *targets[2:]])
+    out["dropped-last"] = join_overlay(header, frames[:-1], summary, targets[:-1])
+    _, donor_frames, _, _ = split_overlay(donor)
+    assert donor_frames[1][0] == frames[1][0]  # same frame head: only the sealing differs
+    out["spliced"] = join_overlay(header, [frames[0], donor_frames[1], *frames[2:]], summary,
+                                  targets)
+    return out
+
+
+def with_scrypt_n(good: bytes, n: int) -> bytes:
+    """The overlay with its manifest's scrypt `n` replaced (header digest recomputed)."""
+    length = _header_length(good)
+    manifest = json.loads(good[HEADER.size: length - DIGEST_SIZE])
+    manifest["encryption"]["kdf"]["n"] = n
+    body = canonical_json(manifest)
+    fields = list(HEADER.unpack_from(good))
+    fields[3], fields[6] = HEADER.size + len(body) + DIGEST_SIZE, len(body)
+    head = HEADER.pack(*fields) + body
+    rest = good[length:]
+    header, frames, summary, targets = split_overlay(head + hashlib.sha256(head).digest() + rest)
+    return join_overlay(header, frames, summary, targets)  # frame offsets moved
+
+
+def make_encrypted(base_path: Path, app_path: Path) -> tuple[dict[str, bytes], dict[str, dict]]:
+    """The enc-*.vmo files and, for the good ones, their info (as for good.vmo)."""
+    files, infos = {}, {}
+    for kind, prefix in (("key_file", "enc-key"), ("passphrase", "enc-pass")):
+        good, info = _create(base_path, app_path, key_for(kind), frame_data=BLOCK)
+        files[f"{prefix}-good.vmo"], infos[f"{prefix}-good.vmo"] = good, info
+        if kind == "key_file":
+            donor, _ = _create(base_path, app_path, key_for(kind, OTHER_FILE_ID),
+                               frame_data=BLOCK)
+            for how, data in tampered(good, donor).items():
+                files[f"{prefix}-{how}.vmo"] = data
+        else:
+            files[f"{prefix}-bad-tag.vmo"] = tampered(good, good)["bad-tag"]
+            files[f"{prefix}-scrypt-too-costly.vmo"] = with_scrypt_n(good, SCRYPT_TOO_COSTLY)
+    return files, infos
+
+
+def encrypted_entry(name: str, infos: dict[str, dict]) -> dict:
+    kind, with_key = EXPECTED_ENCRYPTED[name]
+    key = {"key_file": KEY_FILE} if kind == "key_file" else {"passphrase": PASSPHRASE}
+    return {"outcome": "error", "error": NO_KEY[0], "exit_code": NO_KEY[1], "key": key,
+            "with_key": dict(infos[name]) if with_key is None else {
+                "outcome": "error", "error": with_key[0], "exit_code": with_key[1]}}
+
+
 def generate(outdir: Path) -> dict:
     """Write every vector and vectors.json into `outdir`; return the vectors.json content."""
     outdir = Path(outdir)
@@ -172,6 +347,8 @@ def generate(outdir: Path) -> dict:
         os.environ["VMSYNTH_HOME"] = str(Path(scratch) / "home")  # never touch a real cache
         try:
             good, info = make_good(Path(scratch))
+            encrypted, enc_infos = make_encrypted(Path(scratch) / "base.qcow2",
+                                                  Path(scratch) / "app.qcow2")
         finally:
             if saved_home is None:
                 os.environ.pop("VMSYNTH_HOME", None)
@@ -179,18 +356,28 @@ def generate(outdir: Path) -> dict:
                 os.environ["VMSYNTH_HOME"] = saved_home
     files = {"good.vmo": good} | damaged(good)
     assert set(files) == set(EXPECTED)
+    assert set(encrypted) == set(EXPECTED_ENCRYPTED)
     vectors = {}
     for name in sorted(files):
-        (outdir / name).write_bytes(files[name])
         expected = EXPECTED[name]
         vectors[name] = info if expected is None else {
             "outcome": "error", "error": expected[0], "exit_code": expected[1]}
+    for name in sorted(encrypted):
+        vectors[name] = encrypted_entry(name, enc_infos)
+    files |= encrypted
+    for name in sorted(files):
+        (outdir / name).write_bytes(files[name])
         vectors[name]["sha256"] = "sha256:" + hashlib.sha256(files[name]).hexdigest()
     doc = {
         "about": "vmsynth overlay test vectors; regenerate with "
-                 "formats/vectors/make_vectors.py (see its docstring)",
+                 "formats/vectors/make_vectors.py (see its docstring). For the encrypted "
+                 "enc-*.vmo, outcome is what a reader given no key must do; key names the "
+                 "key (a key file in this folder, or a passphrase) and with_key is the "
+                 "outcome for a reader given it",
         "base": {"name": BASE_NAME, "version": BASE_VERSION, "virtual_size": BASE_SIZE,
                  "recipe": "make_vectors.build_images"},
+        "key_file": {"name": KEY_FILE,
+                     "sha256": "sha256:" + hashlib.sha256(read_key_file()).hexdigest()},
         "vectors": vectors,
     }
     (outdir / "vectors.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -202,7 +389,9 @@ def main(argv: list[str]) -> int:
     doc = generate(outdir)
     for name, v in doc["vectors"].items():
         size = (outdir / name).stat().st_size
-        print(f"{name:24} {size:6} bytes  {v['outcome']} {v.get('error', '')}")
+        with_key = v.get("with_key")
+        keyed = f"  with key: {with_key['outcome']} {with_key.get('error', '')}" if with_key else ""
+        print(f"{name:32} {size:6} bytes  {v['outcome']} {v.get('error', '')}{keyed}")
     return 0
 
 
