@@ -70,8 +70,8 @@ test: setup  ## run the whole test suite (real qemu-img included)
 test-fast: setup  ## the tests that need no external tool
 	$(PY) -m pytest tests -m 'not qemu_img'
 
-fuzz: setup  ## a long mutation-fuzzing run over vectors and real overlays (FUZZ=20000)
-	VMSYNTH_FUZZ_EXAMPLES=$(or $(FUZZ),20000) $(PY) -m pytest tests/test_fuzz.py -q -s
+fuzz: setup  ## long mutation fuzzing: FUZZ examples per mutation family (default 2000, ~15 min)
+	VMSYNTH_FUZZ_EXAMPLES=$(or $(FUZZ),2000) $(PY) -m pytest tests/test_fuzz.py -q -s
 
 bench: setup  ## disk benchmark vs xdelta3 and zstd --patch-from; writes BENCHMARKS.md
 	$(PY) bench/disk_bench.py
