@@ -92,3 +92,19 @@ def _host_cache(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("VMSYNTH_HOST_CACHE", str(folder))
     yield folder
     mp.undo()
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `vmsynth ARGS...` in this process; returns exit code, stdout, stderr."""
+    from vmsynth.cli.main import main
+
+    def run(*argv: object) -> helpers.Result:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        code = info.value.code
+        return helpers.Result(code if isinstance(code, int) else 1, captured.out, captured.err)
+
+    return run

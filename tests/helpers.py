@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import random
 import shutil
 import subprocess
@@ -403,3 +404,15 @@ def qemu_processes(mentioning: str) -> list[int]:
                 any(mentioning in a for a in args) and alive(int(entry.name)):
             out.append(int(entry.name))
     return out
+
+
+@dataclass
+class Result:
+    """What one `vmsynth` run printed and returned."""
+
+    code: int
+    out: str
+    err: str
+
+    def json(self):
+        return json.loads(self.out)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from vmsynth.cli.main import EPILOG, main
+from helpers import Result
+from vmsynth.cli.main import EPILOG
 from vmsynth.formats.layout import FRAME_HEAD_SIZE, HEADER, MAJOR
 
 from vmsynth import bases
@@ -25,31 +26,6 @@ KiB, MiB = 1 << 10, 1 << 20
 
 
 # ------------------------------------------------------------------------------ running
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self):
-        return json.loads(self.out)
-
-
-@pytest.fixture
-def cli(capsys) -> Callable[..., Result]:
-    """Run `vmsynth ARGS...` in this process; returns exit code, stdout, stderr."""
-
-    def run(*argv: object) -> Result:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as info:
-            main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        code = info.value.code
-        return Result(code if isinstance(code, int) else 1, captured.out, captured.err)
-
-    return run
-
 
 def assert_one_line_error(r: Result) -> None:
     assert "Traceback" not in r.err and "Traceback" not in r.out

@@ -12,7 +12,6 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from vmsynth.cli.main import main
+from helpers import Result
 from vmsynth.formats.layout import HEADER, RECORD
 
 from vmsynth import bases, errors
@@ -53,31 +52,6 @@ def _no_ambient_passphrase(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ running
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self):
-        return json.loads(self.out)
-
-
-@pytest.fixture
-def cli(capsys) -> Callable[..., Result]:
-    """Run `vmsynth ARGS...` in this process; returns exit code, stdout, stderr."""
-
-    def run(*argv: object) -> Result:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as info:
-            main([str(a) for a in argv])
-        captured = capsys.readouterr()
-        code = info.value.code
-        return Result(code if isinstance(code, int) else 1, captured.out, captured.err)
-
-    return run
-
 
 def assert_one_line_error(r: Result) -> None:
     assert "Traceback" not in r.err + r.out

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import helpers
 import pytest
 
 from vmsynth import accel, session
@@ -48,15 +49,7 @@ def _unavailable(why: str) -> None:
 
 # ------------------------------------------------------------------------------ results
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self):
-        return json.loads(self.out)
-
+class Result(helpers.Result):
     def first_json(self):
         return first_json(self.out)
 
