@@ -13,6 +13,7 @@ import errno
 import glob
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,3 +113,18 @@ def write_atomic(final: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+
+def scratch_dir(kind: str) -> Path:
+    """A new private scratch directory in $TMPDIR, named with our PID.
+
+    Scratch directories of processes that died without cleaning up (kill -9) are removed
+    first, so they cannot pile up.
+    """
+    parent = Path(tempfile.gettempdir())
+    pattern = re.compile(rf"vmsynth-{re.escape(kind)}-(\d{{1,10}})-[A-Za-z0-9_]+")
+    for old in parent.glob(f"vmsynth-{kind}-*"):
+        match = pattern.fullmatch(old.name)
+        if match and old.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"vmsynth-{kind}-{os.getpid()}-"))

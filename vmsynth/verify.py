@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +14,7 @@ from .apply import rebuild
 from .bases import Base
 from .errors import CorruptOverlayError, OverBudgetError
 from .keys import Key, sealer_for
+from .store import scratch_dir
 from .synth import ReplayReport, disk_manifest, replay
 
 LINKS_MBPS = (10, 50, 1000)  # the seed chapter's calculator: LTE / busy Wi-Fi, Wi-Fi, LAN
@@ -53,8 +54,11 @@ def verify(source: BinaryIO, base: Base | None = None, max_size: int | None = No
     if base is None:
         report = replay(overlay, manifest, None, None, progress, sealer)
     else:
-        with tempfile.TemporaryDirectory(prefix="vmsynth-verify-") as scratch:
-            report = rebuild(overlay, base, Path(scratch) / "check.qcow2", sealer, progress)
+        scratch = scratch_dir("verify")
+        try:
+            report = rebuild(overlay, base, scratch / "check.qcow2", sealer, progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     if max_size is not None and counted.count > max_size:
         raise OverBudgetError(f"overlay is {counted.count:,} bytes, over the budget of "
                               f"{max_size:,} bytes by {counted.count - max_size:,}",

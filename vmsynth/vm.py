@@ -8,11 +8,11 @@ it still lingers. Used as a context manager, no QEMU process outlives the Machin
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,9 +22,11 @@ from typing import Any
 from .accel import Accel
 from .errors import BadInputError, BootError
 from .qmp import QMP, QMPError
+from .store import scratch_dir
 from .tools import PACKAGES, ToolError
 
 QEMU = "qemu-system-x86_64"
+PR_SET_PDEATHSIG = 1
 TAIL_LINES = 15
 
 
@@ -50,7 +52,7 @@ class Machine:
         self.options = options
         self.grace = grace  # seconds the guest gets to power down when we stop it
         self.on_serial = on_serial  # gets serial output as it arrives (e.g. --serial -)
-        self.rundir = Path(tempfile.mkdtemp(prefix="vmsynth-vm-"))
+        self.rundir = scratch_dir("vm")
         self.qmp_path = self.rundir / "qmp.sock"
         self.serial_log = options.serial_log or self.rundir / "serial.log"
         self.qemu_log = self.rundir / "qemu.log"
@@ -89,7 +91,8 @@ class Machine:
         self.serial_log.write_bytes(b"")
         with open(self.qemu_log, "wb") as log:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 10
         while not self.qmp_path.exists():
             if self.proc.poll() is not None:
@@ -231,6 +234,15 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(grace=self.grace)
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child: be killed if vmsynth itself is killed (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the context manager's clean-up still applies
 
 
 def require_qemu() -> None:
