@@ -28,11 +28,15 @@ from .options import (
 Examples:
   vmsynth apply app.vmo --base base.qcow2 -o synth.qcow2
   vmsynth apply app.vmo --base ubuntu-22.04@2.3.1 -o synth.qcow2 --flatten
-  qemu-img compare app.qcow2 synth.qcow2      # identical contents""")
+  qemu-img compare app.qcow2 synth.qcow2      # identical contents
+  vmsynth apply app.vmo --base debian@12 -o synth.qcow2    # with memory: also synth.vmem""")
 @click.argument("overlay")
 @base_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The rebuilt disk (qcow2).")
+@click.option("--memory-output", type=click.Path(dir_okay=False), metavar="VMEM",
+              help="Where to write the rebuilt memory snapshot, if the overlay has one "
+                   "[default: OUTPUT with the suffix .vmem].")
 @click.option("--flatten", is_flag=True,
               help="Write a standalone image instead of a copy-on-write child of the base.")
 @click.option("--check", "check_image", is_flag=True,
@@ -40,8 +44,8 @@ Examples:
                    "if it fails; the result is kept for inspection).")
 @key_file_option
 @json_option
-def command(overlay: str, base_spec: str, output: str, flatten: bool, check_image: bool,
-            key_file: str | None, as_json: bool) -> None:
+def command(overlay: str, base_spec: str, output: str, memory_output: str | None,
+            flatten: bool, check_image: bool, key_file: str | None, as_json: bool) -> None:
     """Rebuild a disk from a base and an overlay (- reads the overlay from standard input).
 
     By default the result is a qcow2 child whose backing file is the base: the base is only
@@ -58,16 +62,25 @@ def command(overlay: str, base_spec: str, output: str, flatten: bool, check_imag
                 done += n
                 update(done, max(total, done))
 
-            report = apply(source, base, Path(output), flatten, advance, read_key(key_file))
+            report = apply(source, base, Path(output), flatten, advance, read_key(key_file),
+                           Path(memory_output) if memory_output else None)
     elapsed = time.monotonic() - started
     checked = guest.check(Path(output)) if check_image else None
     if as_json:
         extra = {"check": {"ok": checked.ok, "filesystems": [vars(f) for f in checked.filesystems],
                            "operating_systems": checked.operating_systems}} if checked else {}
-        console.emit_json(dataclasses.asdict(report) | {"seconds": round(elapsed, 3)} | extra)
+        memory = {"memory": {"path": str(report.memory.path), "digest": report.memory.digest,
+                             "machine": report.memory.machine.to_json()}} \
+            if report.memory else {"memory": None}
+        console.emit_json(dataclasses.asdict(report) | {"seconds": round(elapsed, 3)} | extra
+                          | memory)
         return
     kind = "standalone image" if flatten else f"child of {base.path}"
     console.err.print(f"{output}: {console.human(report.virtual_size)} disk ({kind}), "
                       f"{report.replay.frames} frames verified in {elapsed:.2f} s")
+    if report.memory:
+        console.err.print(f"{report.memory.path}: memory snapshot "
+                          f"({console.human(report.memory.ram_size)} RAM); resume it with "
+                          f"`vmsynth boot {output} --resume {report.memory.path}`")
     if checked:
         print_check(checked)

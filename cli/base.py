@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import click
 from rich.table import Table
@@ -29,23 +30,31 @@ def group() -> None:
 @group.command("add", epilog="""\b
 Examples:
   vmsynth base add ubuntu.qcow2 --name ubuntu-22.04 --version 2.3.1
-  vmsynth base add /srv/bases/debian12.qcow2 --name debian --version 12.5 --json""")
+  vmsynth base add /srv/bases/debian12.qcow2 --name debian --version 12.5 --json
+  vmsynth base add debian12.qcow2 --memory debian12-ready.vmem --name debian --version 12.5""")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--name", required=True, help="Base name, e.g. ubuntu-22.04.")
 @click.option("--version", "version", required=True, help="Base version, e.g. 2.3.1.")
+@click.option("--memory", type=click.Path(dir_okay=False), metavar="VMEM",
+              help="The base VM's memory snapshot in a ready state (`vmsynth snapshot`): "
+                   "overlays with memory are diffed against it.")
 @json_option
-def add(image: str, name: str, version: str, as_json: bool) -> None:
+def add(image: str, name: str, version: str, memory: str | None, as_json: bool) -> None:
     """Add IMAGE (a standalone qcow2) to the cache as NAME@VERSION."""
-    from pathlib import Path
-
     with console.progress("scanning base", 1, enabled=not as_json) as update:
-        base = bases.add(Path(image), name, version, update)
+        base = bases.add(Path(image), name, version, update,
+                         Path(memory) if memory else None)
     base.close()
+    ident = base.identity
     if as_json:
-        console.emit_json(dataclasses.asdict(base.identity) | {"path": str(base.path)})
+        console.emit_json(dataclasses.asdict(ident) | {"path": str(base.path)})
         return
-    console.err.print(f"added {base.identity.label}: {console.human(base.identity.virtual_size)}, "
-                      f"{base.identity.digest}")
+    console.err.print(f"added {ident.label}: {console.human(ident.virtual_size)}, "
+                      f"{ident.digest}")
+    if ident.memory is not None and ident.memory.machine is not None:
+        m = ident.memory.machine
+        console.err.print(f"  memory: {console.human(m.ram_size)} RAM, {m.machine}, {m.cpu}, "
+                          f"QEMU {m.qemu_version}, {ident.memory.digest}")
 
 
 @group.command("list", epilog="""\b
@@ -62,10 +71,13 @@ def list_(as_json: bool) -> None:
     if not found:
         console.err.print(f"no bases in {bases.home()} (add one with `vmsynth base add`)")
         return
-    table = Table("base", "virtual size", "digest", "image")
+    table = Table("base", "virtual size", "digest", "image", "memory")
     for e in found:
+        mem = e.get("memory")
         table.add_row(f"{e['name']}@{e['version']}", console.human(int(e["virtual_size"])),
-                      str(e["digest"])[:23] + "...", str(e["path"]))
+                      str(e["digest"])[:23] + "...", str(e["path"]),
+                      f"{console.human(int(mem['size']))}: {mem['path']}"
+                      if isinstance(mem, dict) else "-")
     console.out.print(table)
 
 

@@ -12,8 +12,10 @@ from typing import Any
 
 import click
 
-from vmsynth import accel, guest, session
+from vmsynth import accel, guest, memory, session
 from vmsynth.apply import apply
+from vmsynth.errors import SnapshotError
+from vmsynth.memory import Vmem
 from vmsynth.vm import BootOptions, Machine, require_qemu
 
 from . import console
@@ -23,7 +25,8 @@ from .options import base_option, file_size, json_option, open_base, open_input
 def boot_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The options boot and run share."""
     for option in reversed([
-        click.option("--memory", default="1G", show_default=True, help="Guest RAM (QEMU -m)."),
+        click.option("--memory", default="1G", show_default=True,
+                     help="Guest RAM (QEMU -m); a resumed snapshot keeps its own."),
         click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 256),
                      help="Virtual CPUs."),
         click.option("--kernel", type=click.Path(dir_okay=False),
@@ -63,8 +66,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _machine(disk: Path, opts: dict[str, Any], as_json: bool) -> Machine:
+def _machine(disk: Path, opts: dict[str, Any], as_json: bool, resume: Vmem | None = None
+             ) -> Machine:
     require_qemu()  # before the accelerator notice: the one error line says what to install
+    if resume is not None:
+        memory.check_resumable(resume)  # before the accelerator probe: fail fast
     chosen = accel.choose(opts["accel"])
     if opts["accel"] == "auto" and chosen.name == "tcg" and not as_json:
         console.err.print(f"notice: {chosen.reason}")
@@ -74,49 +80,114 @@ def _machine(disk: Path, opts: dict[str, Any], as_json: bool) -> Machine:
         kernel=Path(opts["kernel"]) if opts["kernel"] else None,
         initrd=Path(opts["initrd"]) if opts["initrd"] else None, append=opts["append"],
         vnc=opts["vnc"], serial_log=Path(serial) if serial and serial != "-" else None,
-        ready=opts["ready"], timeout=opts["timeout"], extra_args=list(opts["qemu_args"]))
+        ready=opts["ready"], timeout=opts["timeout"], extra_args=list(opts["qemu_args"]),
+        resume=resume)
     echo = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if serial == "-" else None
     return Machine(options, on_serial=echo, grace=opts["grace"])
 
 
-def _run_machine(machine: Machine, as_json: bool, extra: dict[str, Any]) -> None:
-    """Start, wait until ready, show how to reach it, wait until it ends."""
+def _run_machine(machine: Machine, as_json: bool, extra: dict[str, Any],
+                 snapshot_to: Path | None = None) -> None:
+    """Start, wait until ready, show how to reach it, wait until it ends.
+
+    With `snapshot_to`, Ctrl-C or SIGTERM snapshots the VM's memory there instead of
+    powering it down.
+    """
     with machine:
         seconds = machine.wait_ready()
         info = machine.info() | extra | {"ready_seconds": round(seconds, 3)}
+        if machine.resume_seconds is not None:
+            info["resume_seconds"] = round(machine.resume_seconds, 3)
+        verb = "resumed" if machine.resume_seconds is not None else "ready"
         if as_json:
             console.emit_json(info | {"event": "ready"})
         else:
             vnc = info["vnc"]
             console.err.print(
-                f"ready in {seconds:.1f} s ({info['accel']}): pid {info['pid']}, "
+                f"{verb} in {seconds:.1f} s ({info['accel']}): pid {info['pid']}, "
                 f"QMP {info['qmp_socket']}, serial log {info['serial_log']}"
                 + (f", VNC {vnc['host']}:{vnc['port']} (display {vnc['display']})" if vnc
                    else ""))
-        code = machine.wait()
+        try:
+            code = machine.wait()
+        except KeyboardInterrupt:
+            if snapshot_to is None:
+                raise
+            vmem = machine.snapshot(snapshot_to)
+            _snapshot_taken(vmem, as_json)
+            return
+        if snapshot_to is not None:
+            raise SnapshotError(f"the VM powered off by itself: no snapshot was written to "
+                                f"{snapshot_to}",
+                                hint="stop it with Ctrl-C or SIGTERM while it runs")
         if not as_json:
             console.err.print(f"the VM powered off (QEMU exit {code})")
+
+
+def _snapshot_taken(vmem: Vmem, as_json: bool) -> None:
+    if as_json:
+        console.emit_json({"event": "snapshot", "path": str(vmem.path),
+                           "machine": vmem.machine.to_json(), "state_size": vmem.state_size,
+                           "digest": vmem.digest})
+    else:
+        m = vmem.machine
+        console.err.print(f"{vmem.path}: memory snapshot of a {m.machine} VM "
+                          f"({console.human(m.ram_size)} RAM, {m.cpu}, QEMU {m.qemu_version}); "
+                          f"the VM was stopped")
 
 
 BOOT_EPILOG = """\b
 Examples:
   vmsynth boot synth.qcow2 --memory 2G --cpus 2
   vmsynth boot synth.qcow2 --kernel vmlinux --initrd initrd.gz \\
-      --append "console=ttyS0" --ready "login:" --serial - --vnc none"""
+      --append "console=ttyS0" --ready "login:" --serial - --vnc none
+  vmsynth boot app.qcow2 --ready "app started" --snapshot-on-exit app.vmem
+  vmsynth boot synth.qcow2 --resume synth.vmem      # continue where the snapshot was"""
 
 
 @click.command("boot", epilog=BOOT_EPILOG)
 @click.argument("disk", type=click.Path(dir_okay=False))
 @boot_options
+@click.option("--resume", "resume_from", type=click.Path(dir_okay=False), metavar="VMEM",
+              help="Resume this memory snapshot (taken with DISK in the same state) instead "
+                   "of booting; RAM size, CPU and devices come from the snapshot.")
+@click.option("--snapshot-on-exit", type=click.Path(dir_okay=False), metavar="VMEM",
+              help="On Ctrl-C or SIGTERM, snapshot the VM's memory and device state to "
+                   "VMEM instead of powering it down (DISK then matches the snapshot).")
 @json_option
-def boot(disk: str, as_json: bool, **opts: Any) -> None:
+def boot(disk: str, resume_from: str | None, snapshot_on_exit: str | None, as_json: bool,
+         **opts: Any) -> None:
     """Boot DISK with QEMU, wait until it is ready, and run it until it powers off.
 
     Ctrl-C or SIGTERM asks the guest to power down (ACPI), waits --grace seconds,
-    then stops QEMU: no QEMU process is left behind.
+    then stops QEMU: no QEMU process is left behind. Guest RAM lives in a file in the
+    VM's run directory, so `vmsynth snapshot` can capture it at any time.
     """
+    resume = memory.read_vmem(Path(resume_from)) if resume_from else None
+    if resume is not None:
+        memory.check(resume)  # a file from anywhere: nothing is resumed from damaged data
     with _sigterm_as_interrupt():
-        _run_machine(_machine(Path(disk), opts, as_json), as_json, {})
+        _run_machine(_machine(Path(disk), opts, as_json, resume), as_json, {},
+                     Path(snapshot_on_exit) if snapshot_on_exit else None)
+
+
+@click.command("snapshot", epilog="""\b
+Examples:
+  vmsynth snapshot --qmp /tmp/vmsynth-vm-1234-x/qmp.sock -o app.vmem
+  vmsynth create --base debian@12 --disk app.qcow2 --memory app.vmem -o app.vmo""")
+@click.option("--qmp", "qmp_socket", required=True, type=click.Path(), metavar="SOCKET",
+              help="The VM's QMP socket, as `vmsynth boot` prints it.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              metavar="VMEM", help="Where to write the memory snapshot.")
+@json_option
+def snapshot(qmp_socket: str, output: str, as_json: bool) -> None:
+    """Snapshot a running VM's memory and device state, then stop the VM.
+
+    The VM must have been started by `vmsynth boot` (its RAM is in a shared file). It is
+    stopped, its device state migrated out, its RAM copied page for page, and QEMU quits,
+    so its disk stays exactly as the snapshot expects: diff both with `vmsynth create`.
+    """
+    _snapshot_taken(memory.snapshot(Path(qmp_socket), Path(output)), as_json)
 
 
 @click.command("run", epilog="""\b
@@ -125,13 +196,15 @@ Examples:
   vmsynth run app.vmo --base base.qcow2 --kernel vmlinux --initrd initrd.gz --keep""")
 @click.argument("overlay")
 @base_option
-@click.option("--keep", is_flag=True, help="Keep the session's disk when the VM ends.")
+@click.option("--keep", is_flag=True,
+              help="Keep the session's disk (and memory snapshot) when the VM ends.")
 @boot_options
 @json_option
 def run(overlay: str, base_spec: str, keep: bool, as_json: bool, **opts: Any) -> None:
-    """Rebuild the VM from OVERLAY on a base, boot it, and scrub it when it ends.
+    """Rebuild the VM from OVERLAY on a base, boot or resume it, and scrub it when it ends.
 
-    The disk is rebuilt into a private session directory under $VMSYNTH_HOME/sessions;
+    An overlay with a memory snapshot is resumed where it was snapshotted (no boot); the
+    disk and memory are rebuilt into a private session directory under $VMSYNTH_HOME/sessions;
     when the VM ends (or on Ctrl-C / SIGTERM / failure) its files are overwritten and
     deleted, so nothing of the user remains, unless --keep is given.
     """
@@ -147,15 +220,16 @@ def run(overlay: str, base_spec: str, keep: bool, as_json: bool, **opts: Any) ->
                         done += n
                         update(done, max(total, done))
 
-                    apply(source, base, sess.disk, progress=advance)
+                    report = apply(source, base, sess.disk, progress=advance,
+                                   memory_output=sess.memory)
             synthesized = time.monotonic() - started
-            machine = _machine(sess.disk, opts, as_json)
+            machine = _machine(sess.disk, opts, as_json, report.memory)
             _run_machine(machine, as_json, {"session": sess.id,
                                             "synthesis_seconds": round(synthesized, 3)})
     finally:
         if keep:
             if not as_json:
-                console.err.print(f"kept the session disk: {sess.disk}")
+                console.err.print(f"kept the session: {sess.dir}")
         else:
             session.destroy(sess)
 

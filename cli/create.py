@@ -17,7 +17,15 @@ from vmsynth.errors import OverBudgetError
 from vmsynth.store import atomic_path
 
 from . import console
-from .options import base_option, json_option, key_file_option, new_key, open_base, open_disk
+from .options import (
+    base_option,
+    json_option,
+    key_file_option,
+    new_key,
+    open_base,
+    open_disk,
+    open_memory,
+)
 
 
 @click.command("create", epilog="""\b
@@ -25,10 +33,14 @@ Examples:
   vmsynth create --base base.qcow2 --disk app.qcow2 -o app.vmo
   vmsynth create --base ubuntu-22.04@2.3.1 --disk app.qcow2 -o app.vmo --max-size 250M
   vmsynth create --base base.qcow2 --disk app.qcow2 -o app.vmo --encrypt --key-file app.key
-  vmsynth create --base base.qcow2 --disk app.qcow2 -o - | ssh cloudlet vmsynth apply - ...""")
+  vmsynth create --base base.qcow2 --disk app.qcow2 -o - | ssh cloudlet vmsynth apply - ...
+  vmsynth create --base debian@12 --disk app.qcow2 --memory app.vmem -o app.vmo""")
 @base_option
 @click.option("--disk", "disk", required=True, type=click.Path(dir_okay=False),
               help="The customized disk (qcow2): a child of the base, or a full image.")
+@click.option("--memory", type=click.Path(dir_okay=False), metavar="VMEM",
+              help="The customized VM's memory snapshot (`vmsynth snapshot`), taken with the "
+                   "disk in this state; diffed against the base's (`base add --memory`).")
 @click.option("-o", "--output", required=True, metavar="OVERLAY",
               help="Where to write the overlay (- for standard output).")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True,
@@ -40,8 +52,8 @@ Examples:
                    "$VMSYNTH_PASSPHRASE or a prompt.")
 @key_file_option
 @json_option
-def command(base_spec: str, disk: str, output: str, level: int, max_size: int | None,
-            encrypt: bool, key_file: str | None, as_json: bool) -> None:
+def command(base_spec: str, disk: str, memory: str | None, output: str, level: int,
+            max_size: int | None, encrypt: bool, key_file: str | None, as_json: bool) -> None:
     """Make an overlay: the difference between a base disk and a customized disk.
 
     A qcow2 child of the base is diffed by reading only the clusters it allocated; any
@@ -51,27 +63,31 @@ def command(base_spec: str, disk: str, output: str, level: int, max_size: int | 
     """
     started = time.monotonic()
     key = new_key(key_file) if encrypt or key_file else None
-    with open_base(base_spec, as_json) as base, open_disk(disk) as image:
+    with open_base(base_spec, as_json) as base, open_disk(disk) as image, \
+            open_memory(memory) as snap:
         if output != "-":
-            for path, what in ((base.path, "base"), (Path(disk), "disk")):
+            for path, what in ((base.path, "base"), (Path(disk), "disk"),
+                               (Path(memory) if memory else None, "memory snapshot")):
+                if path is None:
+                    continue
                 if Path(output).exists() and os.path.samefile(output, path):
                     raise click.BadParameter(f"{output} is the {what} image: refusing to "
                                              "overwrite it", param_hint="-o/--output")
         with console.progress("diffing", 1, enabled=not as_json) as update:
             if output == "-" and max_size is None:
-                report = create(base, image, sys.stdout.buffer, level, update, key)
+                report = create(base, image, sys.stdout.buffer, level, update, key, snap)
             elif output == "-":
                 # With a budget the overlay waits in a temporary file until its size is
                 # known: an oversized one never reaches standard output.
                 with tempfile.TemporaryFile() as f:
-                    report = create(base, image, f, level, update, key)
+                    report = create(base, image, f, level, update, key, snap)
                     _check_budget(report.overlay_bytes, max_size)
                     f.seek(0)
                     shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
                     sys.stdout.buffer.flush()
             else:
                 with atomic_path(Path(output), private=key is not None) as tmp, open(tmp, "wb") as f:
-                    report = create(base, image, f, level, update, key)
+                    report = create(base, image, f, level, update, key, snap)
                     _check_budget(report.overlay_bytes, max_size)
                     f.flush()
                     os.fsync(f.fileno())  # durable before the rename makes it visible
@@ -86,8 +102,14 @@ def command(base_spec: str, disk: str, output: str, level: int, max_size: int | 
     console.err.print(
         f"{output}: {console.human(report.overlay_bytes)} in {elapsed:.2f} s ({path}, "
         f"{console.human(report.scanned_bytes)} examined)\n"
-        f"  blocks: {blocks['data']} new, {blocks['delta']} delta, {blocks['copy']} deduped, "
-        f"{blocks['base']} from base, {blocks['zero']} zero")
+        f"  disk blocks: {blocks['data']} new, {blocks['delta']} delta, {blocks['copy']} "
+        f"deduped, {blocks['base']} from base, {blocks['zero']} zero")
+    pages = report.summary.get("memory_blocks")
+    if pages:
+        console.err.print(
+            f"  memory pages: {pages['data']} new, {pages['delta']} delta, {pages['copy']} "
+            f"deduped, {pages['base']} from base memory, {pages['disk']} from base disk, "
+            f"{pages['zero']} zero")
 
 
 def _check_budget(size: int, max_size: int | None) -> None:

@@ -76,6 +76,18 @@ def command(overlay: str, files: bool, base_spec: str | None, top: int, key_file
                       f"{blocks.get('copy', 0)} deduped, {blocks.get('base', 0)} from base, "
                       f"{blocks.get('zero', 0)} zero")
     table.add_row("frames", str(info["frames"]))
+    mem = info["memory"]
+    if mem is not None:
+        m = mem["machine"]
+        table.add_row("memory", f"{console.human(mem['ram_size'])} RAM ({m['machine']}, "
+                      f"{m['cpu']}, QEMU {m['qemu_version']}): {mem['frames']} frames, "
+                      f"{console.human(mem['stored_bytes'])} stored")
+        pages = mem["blocks"]
+        if pages:
+            table.add_row("memory pages", f"{pages.get('data', 0)} new, "
+                          f"{pages.get('delta', 0)} delta, {pages.get('copy', 0)} deduped, "
+                          f"{pages.get('base', 0)} from base memory, "
+                          f"{pages.get('disk', 0)} from base disk, {pages.get('zero', 0)} zero")
     if info["encrypted"]:
         kdf = info["encryption"]["kdf"].get("name")
         table.add_row("encryption", f"{info['encryption']['cipher']}, "
@@ -98,5 +110,5 @@ def _changed_files(overlay: Path, base_spec: str, key: Key | None,
             prefix="vmsynth-files-") as scratch:
         synth = Path(scratch) / "synth.qcow2"
         with open(overlay, "rb") as source:
-            apply(source, base, synth, key=key)
+            apply(source, base, synth, key=key, memory_output=Path(scratch) / "synth.vmem")
         return guest.changed_files(base.path, synth)

@@ -25,7 +25,7 @@ Exit codes: 0 ok, 1 internal error, 2 usage, 10 base mismatch, 11 over budget,
 12 unsupported format, 13 corrupt overlay, 14 tool missing or failed,
 15 boot failed, 16 bad input, 17 cannot write output, 18 accelerator
 unavailable, 19 image check failed, 20 key missing or wrong, 21 base busy,
-130 interrupted."""
+22 memory snapshot incompatible or not possible, 130 interrupted."""
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +45,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 for module in (create, apply, verify, inspect, keygen):
     cli.add_command(module.command)
 cli.add_command(base.group)
-for command in (boot.boot, boot.run, boot.check):
+for command in (boot.boot, boot.snapshot, boot.run, boot.check):
     cli.add_command(command)
 
 

@@ -15,6 +15,7 @@ from vmsynth import bases
 from vmsynth.bases import Base
 from vmsynth.errors import BadInputError
 from vmsynth.keys import Key, read_key_file
+from vmsynth.memory import VmemImage, open_vmem
 from vmsynth.qcow2 import Qcow2Image
 
 from . import console
@@ -55,6 +56,19 @@ def open_input(path: str) -> Iterator[BinaryIO]:
 @contextlib.contextmanager
 def open_disk(path: str) -> Iterator[Qcow2Image]:
     image = Qcow2Image(Path(path))
+    try:
+        yield image
+    finally:
+        image.close()
+
+
+@contextlib.contextmanager
+def open_memory(path: str | None) -> Iterator[VmemImage | None]:
+    """A memory snapshot to diff (or None when not given)."""
+    if path is None:
+        yield None
+        return
+    image = open_vmem(Path(path))
     try:
         yield image
     finally:

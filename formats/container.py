@@ -97,10 +97,11 @@ class OverlayWriter:
         self._out.write(data)
         self._offset += len(data)
 
-    def write_header(self, manifest: dict[str, Any], incompat: int = 0, compat: int = 0) -> None:
+    def write_header(self, manifest: dict[str, Any], incompat: int = 0, compat: int = 0,
+                     minor: int = MINOR) -> None:
         body = canonical_json(manifest)
         length = HEADER.size + len(body) + DIGEST_SIZE
-        head = HEADER.pack(MAGIC, MAJOR, MINOR, length, incompat, compat, len(body), 0) + body
+        head = HEADER.pack(MAGIC, MAJOR, minor, length, incompat, compat, len(body), 0) + body
         self.header_digest = hashlib.sha256(head).digest()
         self._write(head + self.header_digest)
 

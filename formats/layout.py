@@ -10,7 +10,8 @@ from enum import IntEnum, IntFlag
 
 MAGIC = b"\x89VSO\r\n\x1a\n"  # like PNG's: catches text-mode and 7-bit transfers
 MAJOR = 1
-MINOR = 0
+MINOR = 0  # what a disk-only overlay says: 1.0 readers read it
+MINOR_MEMORY = 1  # 1.1 added the memory stream and DISK records
 DIGEST_SIZE = 32
 
 # Header: magic, major, minor, header_length, incompat, compat, manifest_length, reserved;
@@ -41,7 +42,7 @@ TRAILER = struct.Struct("<8sQQQ32s")  # magic, summary offset, index offset, fil
 
 class Stream(IntEnum):
     DISK = 0
-    MEMORY = 1  # reserved for memory snapshots
+    MEMORY = 1  # a memory snapshot's contents: RAM, then device state (1.1)
 
 
 class Codec(IntEnum):
@@ -55,6 +56,7 @@ class Kind(IntEnum):
     BASE = 3  # `length` bytes of the base, from offset `source`
     COPY = 4  # `length` bytes of the result, from offset `source` (< target)
     DELTA = 5  # zstd frame decoded with base[source:source+length] as raw-content dictionary
+    DISK = 6  # `length` bytes of the base's disk, from offset `source` (1.1; memory frames)
 
 
 class Incompat(IntFlag):

@@ -224,9 +224,10 @@ WRITER = """
 import sys
 from pathlib import Path
 from vmsynth import bases
-a, b, rounds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-done = 0
-for i in range(rounds):
+a, b, stop = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+done = i = 0
+while not stop.exists():  # until the test has seen enough: no race on who finishes first
+    i += 1
     try:
         bases.add(a if i % 2 else b, "torn", "1").close()
         done += 1
@@ -235,6 +236,7 @@ for i in range(rounds):
             raise
 print(done)
 """
+READS, APPLIES = 300, 4
 
 
 def test_the_cache_entry_is_never_torn(small_pair, h, tmp_path, vmsynth_home):
@@ -248,17 +250,19 @@ def test_the_cache_entry_is_never_torn(small_pair, h, tmp_path, vmsynth_home):
     entry = entry_file(vmsynth_home, "torn@1")
     vmo = tmp_path / "app.vmo"
     vmo.write_bytes(small_pair.multi)
-    writer = subprocess.Popen([sys.executable, "-P", "-c", WRITER, str(a), str(b), "300"],
+    stop = tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-P", "-c", WRITER, str(a), str(b), str(stop)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     reads = applies = 0
     codes: set[int] = set()
-    while writer.poll() is None or reads == 0:
+    while reads < READS or applies < APPLIES:
+        assert writer.poll() is None, writer.communicate()
         record = json.loads(entry.read_text())
         assert record["path"] in (str(a.resolve()), str(b.resolve()))
         assert record["digest"] == h.sha256(small_pair.base_data)
         assert [e["name"] for e in bases.entries()] == ["torn"]
         reads += 1
-        if reads % 50 == 1:
+        if reads % (READS // APPLIES) == 1:
             out = tmp_path / f"synth{applies}.qcow2"
             p = run(h, "apply", vmo, "--base", "torn@1", "-o", out, check_code=None)
             codes.add(p.returncode)
@@ -268,9 +272,10 @@ def test_the_cache_entry_is_never_torn(small_pair, h, tmp_path, vmsynth_home):
             else:
                 assert not out.exists()
             applies += 1
+    stop.touch()
     out, err = writer.communicate()
     assert writer.returncode == 0, err
-    assert int(out) > 0 and reads > 1
+    assert int(out) > 0, "the writer rewrote the entry while it was read"
     assert list(entry.parent.glob("*.tmp")) == []
     print(f"{reads} reads, {applies} applies ({sorted(codes)}), {out.strip()} rewrites")
 

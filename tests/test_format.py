@@ -471,7 +471,7 @@ def test_manifest_missing_required_fields_is_corrupt(small_pair, h, drop):
 
 def test_manifest_with_an_unknown_stream_is_unsupported(small_pair, h):
     manifest = json.loads(h.parse_parts(small_pair.overlay).manifest)
-    manifest["streams"].append({"id": 1, "kind": "memory", "virtual_size": 4096})
+    manifest["streams"].append({"id": 2, "kind": "gpu-state", "virtual_size": 4096})
     check_rejected(h.reheader(small_pair.overlay, manifest=manifest), UnsupportedFormatError)
 
 

@@ -792,3 +792,190 @@ def test_destroy_scrubs_the_session_and_only_the_session(tmp_path, h, vmsynth_ho
         assert link.read_bytes().count(0) == link.stat().st_size > 0, link
     assert outside.read_bytes() == h.det_bytes("outside", 10000), \
         "a symlink in the session must not get its target zeroed"
+
+
+# ------------------------------------------------------------------------------ 8. memory
+
+TICK = re.compile(r"^tick (\d+)$")
+
+
+def ticks(serial: str) -> list[int]:
+    return [int(m[1]) for line in serial.replace("\r", "").splitlines()
+            if (m := TICK.match(line.strip()))]
+
+
+@dataclass(frozen=True)
+class Snapshots:
+    """The counter guest snapshotted while it counts, its overlay, and the base it fits."""
+
+    dir: Path
+    env: dict[str, str]
+    base_vmem: Path
+    app_disk: Path  # the disk the app snapshot was taken with
+    app_vmem: Path
+    overlay: Path  # app_disk + app_vmem against base@1 (base.qcow2 + base_vmem)
+    last_tick: int  # the last line the app printed before its snapshot
+
+
+@pytest.fixture(scope="session")
+def snapshots(guest, h, tmp_path_factory) -> Snapshots:
+    """Snapshot the base (at exit, by SIGTERM) and the app (with `vmsynth snapshot`), add the
+    base with its memory, and create the overlay: once, shared by the memory tests."""
+    d = Path(tempfile.mkdtemp(prefix="vmm-", dir="/tmp"))  # short: QMP socket path limit
+    env = os.environ | {"TMPDIR": str(d), "VMSYNTH_HOME": str(d / "home")}
+    b = Bench(h, guest, d)
+    b.env = env
+    try:
+        boot = ["--memory", "256M", "--grace", "1", "--json"]
+        base_vmem, app_vmem = d / "base.vmem", d / "app.vmem"
+        vm = b.start("boot", b.child(guest.base, "base-run.qcow2"),
+                     *b.boot_args(mode="counter", ready="tick 2"), *boot,
+                     "--snapshot-on-exit", base_vmem)
+        vm.ready_event()
+        vm.send(signal.SIGTERM)
+        r = vm.finish()
+        assert r.code == 0, r.err
+        assert base_vmem.is_file()
+
+        app_disk = b.child(guest.app, "app-run.qcow2")
+        serial = d / "app-serial.log"
+        vm = b.start("boot", app_disk, *b.boot_args(mode="counter", ready="tick 3"), *boot,
+                     "--serial", serial)
+        ready = vm.ready_event()
+        r = b.run("snapshot", "--qmp", ready["qmp_socket"], "-o", app_vmem, "--json")
+        assert r.code == 0, r.err
+        assert r.json()["path"] == str(app_vmem)
+        r = vm.finish()
+        assert r.code == 0, r.err  # the snapshot stopped the VM: `boot` saw it end
+        last = ticks(serial.read_text(errors="replace"))[-1]
+        assert last >= 3
+
+        r = b.run("base", "add", guest.base, "--name", "fixture", "--version", "1",
+                  "--memory", base_vmem)
+        assert r.code == 0, r.err
+        overlay = d / "app.vmo"
+        r = b.run("create", "--base", "fixture@1", "--disk", app_disk, "--memory", app_vmem,
+                  "-o", overlay)
+        assert r.code == 0, r.err
+        b.assert_clean()
+        yield Snapshots(d, env, base_vmem, app_disk, app_vmem, overlay, last)
+    finally:
+        b.teardown()
+
+
+def memory_bench(bench, snapshots) -> None:
+    bench.env = bench.env | {"VMSYNTH_HOME": snapshots.env["VMSYNTH_HOME"]}
+
+
+@pytest.mark.vm
+def test_resume_continues_at_the_next_tick(bench, snapshots, h):
+    """The proof: snapshot at tick N, overlay, apply on the base, resume: the next line on
+    the console is tick N+1, with no boot messages before it."""
+    memory_bench(bench, snapshots)
+    disk, vmem = bench.tmp / "synth.qcow2", bench.tmp / "synth.vmem"
+    r = bench.run("apply", snapshots.overlay, "--base", "fixture@1", "-o", disk)
+    assert r.code == 0, r.err
+    assert h.qemu_img("compare", snapshots.app_disk, disk, check=False).returncode == 0
+    n = snapshots.last_tick
+    serial = bench.tmp / "serial.log"
+    vm = bench.start("boot", disk, "--resume", vmem, *bench.boot_args(ready=f"tick {n + 1}"),
+                     "--serial", serial, "--grace", "1", "--json")
+    ready = vm.ready_event()
+    assert ready["resume_seconds"] < ready["ready_seconds"] + 1
+    lines = [ln.strip() for ln in serial.read_text(errors="replace").replace("\r", "")
+             .splitlines() if ln.strip()]
+    assert lines[0] == f"tick {n + 1}", lines[:5]
+    assert "VMSYNTH-READY" not in lines and not any("Linux version" in ln for ln in lines)
+    vm.send(signal.SIGTERM)
+    assert vm.finish().code == ExitCode.INTERRUPTED
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_rebuilt_snapshot_equals_the_taken_one(bench, snapshots):
+    memory_bench(bench, snapshots)
+    r = bench.run("apply", snapshots.overlay, "--base", "fixture@1", "-o",
+                  bench.tmp / "s.qcow2", "--memory-output", bench.tmp / "s.vmem", "--json")
+    assert r.code == 0, r.err
+    from vmsynth import memory
+
+    taken, rebuilt = memory.read_vmem(snapshots.app_vmem), memory.read_vmem(bench.tmp / "s.vmem")
+    assert rebuilt.digest == taken.digest and rebuilt.machine == taken.machine
+    info = bench.run("inspect", snapshots.overlay, "--json").json()
+    pages = info["memory"]["blocks"]
+    # Most of the app's RAM equals the base's: the overlay's memory part is small.
+    assert info["memory"]["stored_bytes"] < taken.size // 20, info["memory"]
+    assert pages["base"] + pages["disk"] + pages["copy"] + pages["zero"] > 0, pages
+
+
+@pytest.mark.vm
+def test_run_resumes_an_overlay_with_memory(bench, snapshots, vmsynth_home):
+    memory_bench(bench, snapshots)
+    n = snapshots.last_tick
+    serial = bench.tmp / "serial.log"
+    vm = bench.start("run", snapshots.overlay, "--base", "fixture@1",
+                     *bench.boot_args(ready=f"tick {n + 1}"), "--serial", serial,
+                     "--grace", "1", "--json")
+    ready = vm.ready_event()
+    assert "resume_seconds" in ready and "synthesis_seconds" in ready
+    first = next(ln.strip() for ln in serial.read_text(errors="replace").splitlines()
+                 if ln.strip())
+    assert first == f"tick {n + 1}"
+    sessions = Path(snapshots.env["VMSYNTH_HOME"]) / "sessions"
+    vm.send(signal.SIGTERM)
+    assert vm.finish().code == ExitCode.INTERRUPTED
+    assert list(sessions.iterdir()) == [], "the session (disk and memory) is scrubbed"
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_resume_needs_the_kernel_it_was_booted_with(bench, snapshots):
+    memory_bench(bench, snapshots)
+    r = bench.run("boot", snapshots.app_disk, "--resume", snapshots.app_vmem, "--vnc", "none",
+                  "--accel", "tcg")
+    line = assert_one_line_error(r, ExitCode.SNAPSHOT)
+    assert "--kernel" in line
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_a_damaged_snapshot_is_not_resumed(bench, snapshots, guest):
+    memory_bench(bench, snapshots)
+    damaged = bench.tmp / "damaged.vmem"
+    data = bytearray(snapshots.app_vmem.read_bytes())
+    vmem_size = len(data) - 64 - 400  # inside the device state, before the header
+    data[vmem_size] ^= 0xFF
+    damaged.write_bytes(data)
+    disk = bench.child(snapshots.app_disk, "d.qcow2")
+    r = bench.run("boot", disk, "--resume", damaged, *bench.boot_args(ready="tick"))
+    line = assert_one_line_error(r, ExitCode.CORRUPT)
+    assert "damaged" in line
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_a_resumed_vm_cannot_be_snapshotted_again(bench, snapshots):
+    """Its RAM is the snapshot file mapped privately: a new snapshot would be wrong."""
+    memory_bench(bench, snapshots)
+    disk = bench.child(snapshots.app_disk, "d.qcow2")
+    vm = bench.start("boot", disk, "--resume", snapshots.app_vmem,
+                     *bench.boot_args(ready="tick"), "--grace", "1", "--json")
+    ready = vm.ready_event()
+    r = bench.run("snapshot", "--qmp", ready["qmp_socket"], "-o", bench.tmp / "again.vmem")
+    line = assert_one_line_error(r, ExitCode.SNAPSHOT)
+    assert "not shared" in line
+    assert not (bench.tmp / "again.vmem").exists()
+    vm.send(signal.SIGTERM)
+    assert vm.finish().code == ExitCode.INTERRUPTED
+    bench.assert_clean()
+
+
+@pytest.mark.vm
+def test_snapshot_on_exit_of_a_vm_that_powers_off(bench, images):
+    disk = bench.child(images.synth, "d.qcow2")
+    out = bench.tmp / "never.vmem"
+    r = bench.run("boot", disk, *bench.boot_args(), "--snapshot-on-exit", out, "--json")
+    line = assert_one_line_error(r, ExitCode.SNAPSHOT)
+    assert "powered off by itself" in line
+    assert not out.exists()
+    bench.assert_clean()

@@ -1,11 +1,13 @@
 """Apply: rebuild a disk from a base and an overlay, as a copy-on-write qcow2 child.
 
 The base is opened read-only and never copied: the result's backing file is the base itself,
-and only the clusters the overlay changes are written, each exactly once.
+and only the clusters the overlay changes are written, each exactly once. An overlay with a
+memory stream also rebuilds a memory snapshot (.vmem) from the base's, front to back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -18,11 +20,12 @@ from vmsynth.formats.seal import Sealer
 
 from .bases import Base
 from .blocks import is_zero
-from .errors import UsageError
+from .errors import BaseMismatchError, UsageError
 from .keys import Key, sealer_for
+from .memory import Vmem, VmemBuilder
 from .qcow2 import Qcow2Writer
 from .store import atomic_path
-from .synth import ReplayReport, disk_manifest, replay
+from .synth import ReplayReport, read_manifest, replay
 from .tools import run
 
 Read = Callable[[int, int], bytes]
@@ -114,47 +117,82 @@ class ApplyReport:
     virtual_size: int
     flattened: bool
     replay: ReplayReport
+    memory: Vmem | None = None
 
 
 def rebuild(overlay: OverlayStream, base: Base, child: Path, sealer: Sealer | None = None,
-            progress: Callable[[int], None] | None = None, whole_sectors: bool = False
-            ) -> ReplayReport:
-    """Write the overlay's result to `child`, a qcow2 whose backing file is the base.
+            progress: Callable[[int], None] | None = None, whole_sectors: bool = False,
+            memory_out: Path | None = None) -> tuple[ReplayReport, Vmem | None]:
+    """Write the overlay's disk to `child`, a qcow2 whose backing file is the base, and its
+    memory snapshot (if it has one) to `memory_out`.
 
     `whole_sectors` rounds the disk size up to 512 bytes (zeros), for qemu-img, which
     would otherwise cut a disk's last partial sector.
     """
-    manifest = disk_manifest(overlay.header.manifest)
+    manifest = read_manifest(overlay.header.manifest)
     base.check_matches(manifest.base)
     size = -(-manifest.virtual_size // 512) * 512 if whole_sectors else manifest.virtual_size
     writer = Qcow2Writer(child, size, backing=str(base.path))
+    builder = None
     try:
-        sink = ClusterSink(writer, base.image.read, base.identity.virtual_size)
-        report = replay(overlay, manifest, base.image.read, sink, progress, sealer)
-        sink.flush()
+        sinks: dict = {0: ClusterSink(writer, base.image.read, base.identity.virtual_size)}
+        reads = {0: base.image.read}
+        if manifest.memory is not None:
+            assert base.memory is not None and manifest.memory.machine is not None
+            if memory_out is None:
+                raise UsageError("this overlay holds a memory snapshot: say where to write it")
+            builder = VmemBuilder(memory_out, base.memory.image, manifest.memory.machine,
+                                  manifest.memory.virtual_size)
+            sinks[1], reads[1] = builder, base.memory.image.read
+        report = replay(overlay, manifest, reads, sinks, progress, sealer)
+        sinks[0].flush()
         writer.finish()
+        vmem = builder.finish() if builder is not None else None
     except BaseException:
         writer.abort()
+        if builder is not None:
+            builder.close()
         raise
-    return report
+    return report, vmem
+
+
+def memory_path_for(output: Path) -> Path:
+    """Where apply puts the rebuilt memory snapshot unless told: beside the disk."""
+    return output.with_name(output.stem + ".vmem")
 
 
 def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
-          progress: Callable[[int], None] | None = None, key: Key | None = None) -> ApplyReport:
-    """Rebuild the overlay read from `source` on `base` into `output` (temp name, then rename).
+          progress: Callable[[int], None] | None = None, key: Key | None = None,
+          memory_output: Path | None = None) -> ApplyReport:
+    """Rebuild the overlay read from `source` on `base` into `output` (temp name, then rename),
+    and its memory snapshot, if any, into `memory_output` (default: OUTPUT's name, .vmem).
 
     An encrypted overlay needs its `key`; its decrypted result is readable by its owner only.
     """
-    if output.exists() and os.path.samefile(output, base.path):
-        raise UsageError(f"{output} is the base image: refusing to overwrite it",
-                         hint="write the rebuilt disk to another file")
     overlay = OverlayStream(source)
-    manifest = disk_manifest(overlay.header.manifest)
+    manifest = read_manifest(overlay.header.manifest)
+    memory_out = None
+    if manifest.memory is not None:
+        memory_out = memory_output or memory_path_for(output)
+    for out in (output, memory_out):
+        for used in (base.path, base.memory.path if base.memory else None):
+            if out is not None and used is not None and out.exists() and \
+                    os.path.samefile(out, used):
+                raise UsageError(f"{out} is a file of the base: refusing to overwrite it",
+                                 hint="write the rebuilt VM to other files")
+    if memory_out is not None and memory_out.resolve() == output.resolve():
+        raise UsageError(f"{output}: the disk and the memory snapshot need different files")
     base.check_matches(manifest.base)  # before anything is written
+    if manifest.memory is not None and base.memory is None:
+        raise BaseMismatchError("overlay holds a memory snapshot, but the base has none")
     sealer = sealer_for(overlay.header, key)
-    with atomic_path(output, private=sealer is not None) as tmp:
+    private = sealer is not None
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(output, private=private))
+        mem_tmp = stack.enter_context(atomic_path(memory_out, private=True)) \
+            if memory_out is not None else None
         if not flatten:
-            report = rebuild(overlay, base, tmp, sealer, progress)
+            report, vmem = rebuild(overlay, base, tmp, sealer, progress, memory_out=mem_tmp)
         else:
             # Named like atomic_path's temporaries, so a killed run's leftover is cleaned too.
             fd, child_name = tempfile.mkstemp(prefix=f".{output.name}.{os.getpid()}.",
@@ -162,10 +200,13 @@ def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
             os.close(fd)
             child = Path(child_name)
             try:
-                report = rebuild(overlay, base, child, sealer, progress, whole_sectors=True)
+                report, vmem = rebuild(overlay, base, child, sealer, progress,
+                                       whole_sectors=True, memory_out=mem_tmp)
                 run("qemu-img", "convert", "-O", "qcow2", str(child), str(tmp))
                 if sealer is not None:
                     os.chmod(tmp, 0o600)  # qemu-img recreated it with the usual mode
             finally:
                 child.unlink(missing_ok=True)
-    return ApplyReport(str(output), manifest.virtual_size, flatten, report)
+    if vmem is not None:
+        vmem = Vmem(memory_out, vmem.machine, vmem.state_size, vmem.digest)  # its final name
+    return ApplyReport(str(output), manifest.virtual_size, flatten, report, vmem)

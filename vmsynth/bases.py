@@ -4,6 +4,8 @@ A base's identity is what an overlay is bound to: name, version, virtual size an
 of its virtual contents (the same as `qemu-img convert -O raw BASE - | sha256sum`). Computing
 it reads the whole base once; the result and the block index are cached in $VMSYNTH_HOME,
 keyed by the file's path and stat, so later commands cost nothing for an unchanged base.
+A base may also carry a memory snapshot of its VM in a ready state (a .vmem): its contents
+digest and machine description are then part of the identity, and its pages are indexed too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from pathlib import Path
 import xxhash
 
 from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
-from .errors import BadInputError, BaseMismatchError, BusyError, UsageError, VmsynthError
+from .errors import (
+    BadInputError,
+    BaseMismatchError,
+    BusyError,
+    CorruptOverlayError,
+    UsageError,
+    VmsynthError,
+)
+from .memory import MachineInfo, VmemImage, open_vmem
 from .qcow2 import Image, Qcow2Image
 from .store import write_atomic
 
@@ -39,11 +49,19 @@ def home() -> Path:
 
 
 @dataclass(frozen=True)
+class MemoryIdentity:
+    size: int  # bytes of contents: RAM, then device state
+    digest: str  # "sha256:<hex>" of those contents
+    machine: MachineInfo | None = None  # None where only the digest is known (a manifest)
+
+
+@dataclass(frozen=True)
 class Identity:
     name: str
     version: str
     virtual_size: int
     digest: str  # "sha256:<hex>" of the virtual contents
+    memory: MemoryIdentity | None = None
 
     @property
     def label(self) -> str:
@@ -115,29 +133,59 @@ def scan(image: Image, progress: Progress | None = None) -> tuple[str, BlockInde
 
 
 @dataclass
+class BaseMemory:
+    """A base's memory snapshot, ready for use."""
+
+    image: VmemImage
+    identity: MemoryIdentity
+    index: BlockIndex
+
+    @property
+    def path(self) -> Path:
+        return self.image.path
+
+
+@dataclass
 class Base:
-    """A base ready for use: its image, identity and block index."""
+    """A base ready for use: its image, identity and block index (and memory, if any)."""
 
     path: Path
     image: Image
     identity: Identity
     index: BlockIndex
+    memory: BaseMemory | None = None
     lock: int | None = None  # fd holding a shared lock on the cache entry, if any
 
     def close(self) -> None:
         self.image.close()
+        if self.memory is not None:
+            self.memory.image.close()
         if self.lock is not None:
             os.close(self.lock)
             self.lock = None
 
     def check_matches(self, want: Identity) -> None:
         """Refuse unless this base's contents are the ones an overlay was made for."""
-        if want.digest == self.identity.digest and want.virtual_size == self.identity.virtual_size:
+        if want.digest != self.identity.digest or \
+                want.virtual_size != self.identity.virtual_size:
+            raise BaseMismatchError(
+                f"overlay was made for base {want.label} ({want.digest[:19]}...), but "
+                f"{self.identity.label} ({self.identity.digest[:19]}...) has different contents",
+                hint=f"apply it on {want.label}: `vmsynth base list` shows the cached bases")
+        if want.memory is None:
             return
-        raise BaseMismatchError(
-            f"overlay was made for base {want.label} ({want.digest[:19]}...), "
-            f"but {self.identity.label} ({self.identity.digest[:19]}...) has different contents",
-            hint=f"apply it on {want.label}: `vmsynth base list` shows the cached bases")
+        mine = self.identity.memory
+        if mine is None:
+            raise BaseMismatchError(
+                f"overlay holds a memory snapshot, but base {self.identity.label} has none",
+                hint="add the base with its ready-state snapshot: `vmsynth base add IMAGE "
+                     "--memory BASE.vmem ...`")
+        if (mine.digest, mine.size) != (want.memory.digest, want.memory.size):
+            raise BaseMismatchError(
+                f"overlay was made for another memory snapshot of base {want.label} "
+                f"({want.memory.digest[:19]}...) than {self.identity.label}'s "
+                f"({mine.digest[:19]}...)",
+                hint="add the base with the snapshot the overlay was made against")
 
 
 def _stat_key(path: Path) -> tuple[str, dict[str, int]]:
@@ -157,11 +205,8 @@ def _open_checked(path: Path) -> Qcow2Image:
     return image
 
 
-def load_path(path: Path, name: str | None = None, version: str = "",
-              progress: Progress | None = None) -> Base:
-    """Open a base by path, scanning it once and caching the scan keyed by path and stat."""
-    path = Path(path).resolve()
-    image = _open_checked(path)
+def _scan_cached(image: Image, path: Path, progress: Progress | None) -> tuple[str, BlockIndex]:
+    """`scan`, cached in $VMSYNTH_HOME/scans by the file's path and stat."""
     key, _ = _stat_key(path)
     scans = home() / "scans"
     meta_file, index_file = scans / f"{key}.json", scans / f"{key}.idx"
@@ -177,8 +222,40 @@ def load_path(path: Path, name: str | None = None, version: str = "",
             write_atomic(meta_file, json.dumps({"path": str(path), "digest": digest}).encode())
         except VmsynthError:
             pass  # a read-only cache only costs the next command a rescan
-    identity = Identity(name or path.name, version, image.virtual_size, digest)
-    return Base(path, image, identity, index)
+    return digest, index
+
+
+def load_memory(path: Path, progress: Progress | None = None) -> BaseMemory:
+    """Open a base's memory snapshot, checking its contents against its header once."""
+    path = Path(path).resolve()
+    image = open_vmem(path)
+    try:
+        digest, index = _scan_cached(image, path, progress)
+        if digest != image.vmem.digest:
+            raise CorruptOverlayError(f"{path}: memory snapshot contents are damaged "
+                                      "(digest mismatch)",
+                                      hint="take the base's snapshot again")
+    except BaseException:
+        image.close()
+        raise
+    return BaseMemory(image, MemoryIdentity(image.virtual_size, digest, image.vmem.machine),
+                      index)
+
+
+def load_path(path: Path, name: str | None = None, version: str = "",
+              progress: Progress | None = None, memory: Path | None = None) -> Base:
+    """Open a base by path, scanning it once and caching the scan keyed by path and stat."""
+    path = Path(path).resolve()
+    image = _open_checked(path)
+    try:
+        digest, index = _scan_cached(image, path, progress)
+        mem = load_memory(memory, progress) if memory is not None else None
+    except BaseException:
+        image.close()
+        raise
+    identity = Identity(name or path.name, version, image.virtual_size, digest,
+                        mem.identity if mem else None)
+    return Base(path, image, identity, index, mem)
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -208,14 +285,22 @@ def _lock(entry: Path, exclusive: bool, what: str) -> int:
     return fd
 
 
-def add(path: Path, name: str, version: str, progress: Progress | None = None) -> Base:
-    """Record a base in the cache (the image stays where it is; the cache keeps its identity)."""
+def add(path: Path, name: str, version: str, progress: Progress | None = None,
+        memory: Path | None = None) -> Base:
+    """Record a base in the cache (the image stays where it is; the cache keeps its identity).
+
+    `memory`: the base VM's memory snapshot in a ready state, which overlays with memory
+    are diffed against.
+    """
     entry = _entry_file(name, version)
     lock = _lock(entry, exclusive=True, what="in use by another vmsynth process")
     try:
-        base = load_path(path, name, version, progress)
+        base = load_path(path, name, version, progress, memory)
         _, stat = _stat_key(base.path)
         record = asdict(base.identity) | {"path": str(base.path), "stat": stat}
+        if base.memory is not None:
+            record["memory"] |= {"path": str(base.memory.path),
+                                 "stat": _stat_key(base.memory.path)[1]}
         write_atomic(entry, json.dumps(record, indent=2).encode())
     finally:
         os.close(lock)
@@ -284,16 +369,22 @@ def _open_entry(spec: str, entry: Path, name: str, version: str,
     except FileNotFoundError:
         raise _not_cached(spec) from None  # removed just before we locked it
     image_path = Path(record["path"])
-    if not image_path.exists():
-        raise BadInputError(f"base {spec}: its image {image_path} is gone",
-                            hint=f"restore it, or `vmsynth base rm {spec}`")
-    _, stat = _stat_key(image_path)
-    if stat != record["stat"]:
-        raise BaseMismatchError(f"base {spec}: {image_path} changed since it was added",
-                                hint="a base must never change; add the new file as a new "
-                                     "version with `vmsynth base add`")
-    base = load_path(image_path, name, version, progress)
-    if base.identity.digest != record["digest"]:
+    memory = record.get("memory")
+    memory_path = Path(memory["path"]) if memory else None
+    for path, stat in ((image_path, record["stat"]),
+                       (memory_path, memory["stat"] if memory else None)):
+        if path is None:
+            continue
+        if not path.exists():
+            raise BadInputError(f"base {spec}: its file {path} is gone",
+                                hint=f"restore it, or `vmsynth base rm {spec}`")
+        if _stat_key(path)[1] != stat:
+            raise BaseMismatchError(f"base {spec}: {path} changed since it was added",
+                                    hint="a base must never change; add the new file as a new "
+                                         "version with `vmsynth base add`")
+    base = load_path(image_path, name, version, progress, memory_path)
+    if base.identity.digest != record["digest"] or \
+            (base.memory and base.memory.identity.digest != memory["digest"]):
         base.close()
         raise BaseMismatchError(f"base {spec}: contents differ from when it was added")
     return base

@@ -1,9 +1,11 @@
-"""Create: diff a disk against its base into an overlay.
+"""Create: diff a disk (and a memory snapshot) against its base into an overlay.
 
 The main thread reads and classifies 4 KiB blocks (unchanged, zero, equal to a base block,
 equal to a block already in the overlay, or new) and groups records into frames; two worker
 threads compress frames (zstandard releases the GIL). Frame boundaries depend only on the
-input, never on timing, so the same inputs give the same bytes.
+input, never on timing, so the same inputs give the same bytes. The disk stream comes first,
+then the memory stream, diffed page by page the same way: against the base's memory at the
+same offset, any page of the base's memory or disk, and the memory's own earlier pages.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ import zstandard
 
 from vmsynth.formats.container import OverlayWriter
 from vmsynth.formats.frames import EncodedFrame, Record, encode_frame
-from vmsynth.formats.layout import RECORD, Incompat, Kind, Stream
+from vmsynth.formats.layout import MINOR, MINOR_MEMORY, RECORD, Incompat, Kind, Stream
 from vmsynth.formats.seal import Sealer
 
 from . import __version__
-from .bases import Base
+from .bases import Base, BlockIndex
 from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
-from .errors import BadInputError
+from .errors import BadInputError, BaseMismatchError, SnapshotError
 from .keys import Key, encryption_for_new
+from .memory import VmemImage
 from .qcow2 import Image, Qcow2Image, changed_ranges
 
 Progress = Callable[[int, int], None]
+Read = Callable[[int, int], bytes]
+KINDS = ("data", "delta", "zero", "base", "copy", "disk")
 
 FRAME_DATA = 1 << 20  # new data per frame: ~1 MiB frames compress well and fast (PERF.md)
 FRAME_COVER = 8 << 20  # bytes a frame may describe, so references stay cheap to verify
@@ -62,14 +67,14 @@ def _similar(new: bytes, old: bytes) -> bool:
     return hits >= 2
 
 
-def _build_frame(seq: int, items: list[_Item], level: int, sealer: Sealer | None
-                 ) -> tuple[EncodedFrame, bytes, dict]:
+def _build_frame(seq: int, stream: Stream, items: list[_Item], level: int,
+                 sealer: Sealer | None) -> tuple[EncodedFrame, bytes, dict]:
     """Worker: choose DELTA or DATA for candidates, pack, compress, digest the result."""
     compressor = zstandard.ZstdCompressor(level=level)
     records: list[Record] = []
     data: list[bytes] = []
     result = hashlib.sha256()
-    stats = {k: 0 for k in ("data", "delta", "zero", "base", "copy")}
+    stats = dict.fromkeys(KINDS, 0)
     for it in items:
         kind = it.kind
         if kind is Kind.DELTA:
@@ -80,7 +85,7 @@ def _build_frame(seq: int, items: list[_Item], level: int, sealer: Sealer | None
             delta = zstandard.ZstdCompressor(level=level, dict_data=dictionary,
                                              write_content_size=True).compress(block)
             if len(delta) * DELTA_KEEP <= len(block):
-                records.append(Record(Kind.DELTA, it.target, it.length, it.target, len(delta)))
+                records.append(Record(Kind.DELTA, it.target, it.length, it.source, len(delta)))
                 data.append(delta)
             else:
                 kind = Kind.DATA
@@ -94,7 +99,7 @@ def _build_frame(seq: int, items: list[_Item], level: int, sealer: Sealer | None
         for block in it.blocks:
             result.update(block)
         stats[kind.name.lower()] += -(-it.length // BLOCK)
-    frame = encode_frame(seq, Stream.DISK, records, data, compressor, sealer)
+    frame = encode_frame(seq, stream, records, data, compressor, sealer)
     return frame, result.digest(), stats
 
 
@@ -110,8 +115,9 @@ class _FrameQueue:
         self.items: list[_Item] = []
         self.data_bytes = self.cover_bytes = 0
         self.seq = 0
+        self.stream = Stream.DISK
         self.result_digests = hashlib.sha256()
-        self.stats = {k: 0 for k in ("data", "delta", "zero", "base", "copy")}
+        self.stats = {s: dict.fromkeys(KINDS, 0) for s in Stream}
         self.raw_bytes = self.stored_bytes = 0
 
     def add(self, item: _Item) -> None:
@@ -132,11 +138,16 @@ class _FrameQueue:
                 len(self.items) >= FRAME_RECORDS:
             self.flush()
 
+    def begin(self, stream: Stream) -> None:
+        """Start the next stream: a frame never mixes two."""
+        self.flush()
+        self.stream = stream
+
     def flush(self) -> None:
         if not self.items:
             return
-        self.pending.append(self.pool.submit(_build_frame, self.seq, self.items, self.level,
-                                             self.sealer))
+        self.pending.append(self.pool.submit(_build_frame, self.seq, self.stream, self.items,
+                                             self.level, self.sealer))
         self.seq += 1
         self.items = []
         self.data_bytes = self.cover_bytes = 0
@@ -148,7 +159,7 @@ class _FrameQueue:
         self.writer.write_frame(frame)
         self.result_digests.update(digest)
         for k, v in stats.items():
-            self.stats[k] += v
+            self.stats[Stream(frame.head.stream)][k] += v
         self.raw_bytes += frame.head.raw_length
         self.stored_bytes += frame.head.stored_length
 
@@ -164,11 +175,16 @@ class _FrameQueue:
 
 
 class _Differ:
-    """Classifies changed blocks of `disk` against `base` and feeds the frame queue."""
+    """Classifies the changed blocks of one stream and feeds the frame queue.
 
-    def __init__(self, base: Base, disk: Qcow2Image, queue: _FrameQueue) -> None:
-        self.base, self.disk, self.queue = base, disk, queue
-        self.own: dict[int, int] = {}  # xxh3 of blocks already in the overlay -> target
+    `new` reads the object being diffed, `old` the base object at the same offsets;
+    `lookups` are where an identical block may already be: (record kind, index, reader).
+    """
+
+    def __init__(self, new: Read, old: Read, lookups: list[tuple[Kind, BlockIndex, Read]],
+                 queue: _FrameQueue) -> None:
+        self.new, self.old, self.lookups, self.queue = new, old, lookups, queue
+        self.own: dict[int, int] = {}  # xxh3 of blocks already in this stream -> target
 
     def block(self, target: int, new: bytes, old: bytes) -> None:
         n = len(new)
@@ -178,13 +194,14 @@ class _Differ:
         if n == BLOCK:
             h = xxhash.xxh3_64_intdigest(new)
             src = self.own.get(h)
-            if src is not None and self.disk.read(src, BLOCK) == new:
+            if src is not None and self.new(src, BLOCK) == new:
                 self.queue.add(_Item(Kind.COPY, target, n, src, [new]))
                 return
-            for src in self.base.index.candidates(h):
-                if self.base.image.read(src, BLOCK) == new:
-                    self.queue.add(_Item(Kind.BASE, target, n, src, [new]))
-                    return
+            for kind, index, read in self.lookups:
+                for src in index.candidates(h):
+                    if read(src, BLOCK) == new:
+                        self.queue.add(_Item(kind, target, n, src, [new]))
+                        return
             if len(self.own) < SELF_INDEX_LIMIT:
                 self.own.setdefault(h, target)
             if old != ZERO_BLOCK and _similar(new, old):
@@ -196,8 +213,8 @@ class _Differ:
         end = start + length
         for offset in range(start, end, CHUNK):
             n = min(CHUNK, end - offset)
-            new = self.disk.read(offset, n)
-            old = self.base.image.read(offset, n)
+            new = self.new(offset, n)
+            old = self.old(offset, n)
             if new != old:
                 for i in range(0, n, BLOCK):
                     nb, ob = new[i: i + BLOCK], old[i: i + BLOCK]
@@ -216,11 +233,15 @@ class CreateReport:
 
 
 def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
-           progress: Progress | None = None, key: Key | None = None) -> CreateReport:
-    """Write to `out` an overlay that turns `base` into `disk` (encrypted if `key` is given).
+           progress: Progress | None = None, key: Key | None = None,
+           memory: VmemImage | None = None) -> CreateReport:
+    """Write to `out` an overlay that turns `base` into `disk` (encrypted if `key` is given),
+    and, with `memory`, the base's memory snapshot into that one.
 
     Raises:
         BadInputError: the disk is smaller than the base.
+        BaseMismatchError: a memory snapshot, and the base has none.
+        SnapshotError: the memory snapshot does not fit the base's (RAM size, machine...).
         OSError: writing `out` failed.
     """
     if disk.virtual_size < base.identity.virtual_size:
@@ -228,22 +249,24 @@ def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
             f"{disk.path}: disk ({disk.virtual_size} bytes) is smaller than its base "
             f"({base.identity.virtual_size} bytes); shrinking is not supported",
             hint="an overlay can only grow a disk")
+    if memory is not None:
+        _check_memory(base, memory)
     ranges = changed_ranges(disk, base.path) if isinstance(disk, Qcow2Image) else None
     fast = ranges is not None
     if ranges is None:
         ranges = [(0, disk.virtual_size)]
-    total = sum(n for _, n in ranges)
+    total = sum(n for _, n in ranges) + (memory.virtual_size if memory else 0)
     writer = OverlayWriter(out)
-    head = manifest(base, disk.virtual_size, level)
+    head = manifest(base, disk.virtual_size, level, memory)
+    minor = MINOR_MEMORY if memory is not None else MINOR
     sealer = None
     if key is None:
-        writer.write_header(head)
+        writer.write_header(head, minor=minor)
     else:
         head["encryption"], master, file_id = encryption_for_new(key)
-        writer.write_header(head, incompat=Incompat.ENCRYPTED)
+        writer.write_header(head, incompat=Incompat.ENCRYPTED, minor=minor)
         sealer = Sealer(master, file_id, writer.header_digest)
     queue = _FrameQueue(writer, level, sealer)
-    differ = _Differ(base, disk, queue)
     done = 0
 
     def advance(n: int) -> None:
@@ -253,24 +276,52 @@ def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
             progress(done, total)
 
     try:
+        differ = _Differ(disk.read, base.image.read,
+                         [(Kind.BASE, base.index, base.image.read)], queue)
         for start, length in ranges:
             differ.region(start, length, advance)
+        if memory is not None:
+            assert base.memory is not None
+            queue.begin(Stream.MEMORY)
+            mem = base.memory
+            differ = _Differ(memory.read, mem.image.read,
+                             [(Kind.BASE, mem.index, mem.image.read),
+                              (Kind.DISK, base.index, base.image.read)], queue)
+            differ.region(0, memory.virtual_size, advance)
     finally:
         queue.close()
     summary = {
-        "blocks": queue.stats,
+        "blocks": {k: v for k, v in queue.stats[Stream.DISK].items() if k != "disk"},
         "payload_raw_bytes": queue.raw_bytes,
         "payload_stored_bytes": queue.stored_bytes,
         "frames": queue.seq,
         "result_digest": "sha256:" + queue.result_digests.hexdigest(),
     }
+    if memory is not None:
+        summary["memory_blocks"] = queue.stats[Stream.MEMORY]
     writer.finish(summary, sealer)
     return CreateReport(str(disk.path), fast, total, summary, writer.bytes_written)
 
 
-def manifest(base: Base, virtual_size: int, level: int) -> dict:
+def _check_memory(base: Base, memory: VmemImage) -> None:
+    if base.memory is None:
+        raise BaseMismatchError(
+            f"base {base.identity.label} has no memory snapshot to diff {memory.path} against",
+            hint="add the base with its ready-state snapshot: `vmsynth base add IMAGE "
+                 "--memory BASE.vmem ...`")
+    assert base.memory.identity.machine is not None
+    wrong = base.memory.identity.machine.mismatch(memory.vmem.machine)
+    if wrong:
+        raise SnapshotError(f"{memory.path} does not fit base {base.identity.label}'s memory "
+                            f"snapshot: {wrong}",
+                            hint="snapshot the VM on the same QEMU, machine type, CPU model "
+                                 "and RAM size as the base's snapshot")
+
+
+def manifest(base: Base, virtual_size: int, level: int, memory: VmemImage | None = None
+             ) -> dict:
     ident = base.identity
-    return {
+    head: dict = {
         "block_size": BLOCK,
         "base": {"name": ident.name, "version": ident.version,
                  "virtual_size": ident.virtual_size, "digest": ident.digest},
@@ -278,3 +329,10 @@ def manifest(base: Base, virtual_size: int, level: int) -> dict:
         "compression": {"codec": "zstd", "level": level},
         "created_by": f"vmsynth {__version__}",
     }
+    if memory is not None:
+        assert ident.memory is not None
+        head["base"]["memory"] = {"size": ident.memory.size, "digest": ident.memory.digest}
+        head["streams"].append({"id": int(Stream.MEMORY), "kind": "memory",
+                                "virtual_size": memory.virtual_size,
+                                "machine": memory.vmem.machine.to_json()})
+    return head

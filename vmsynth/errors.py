@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     CHECK_FAILED = 19  # an image failed its check: no filesystem, or fsck found errors
     KEY = 20  # an encrypted overlay and no key, or the wrong key
     BUSY = 21  # a cached base is in use by another vmsynth process
+    SNAPSHOT = 22  # a memory snapshot cannot be taken, or does not fit this base or this QEMU
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -97,3 +98,10 @@ class WrongKeyError(VmsynthError):
 
 class BusyError(VmsynthError):
     exit_code = ExitCode.BUSY
+
+
+class SnapshotError(VmsynthError):
+    """A VM cannot be snapshotted, or a memory snapshot does not fit a base or this host
+    (machine type, CPU model, RAM size, QEMU version)."""
+
+    exit_code = ExitCode.SNAPSHOT

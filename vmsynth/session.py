@@ -7,6 +7,7 @@ unlinked (QEMU has exited by then, so no open handle keeps the old bytes alive).
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ class Session:
     def disk(self) -> Path:
         return self.dir / "disk.qcow2"
 
+    @property
+    def memory(self) -> Path:
+        return self.dir / "memory.vmem"
+
 
 def new() -> Session:
     sid = secrets.token_hex(6)
@@ -35,6 +40,22 @@ def new() -> Session:
     return Session(sid, folder)
 
 
+def _data_extents(fd: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges of a file that hold data (everything, where holes are unknown)."""
+    size = os.fstat(fd).st_size
+    extents, pos = [], 0
+    try:
+        while pos < size:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            extents.append((start, end))
+            pos = end
+    except OSError as err:
+        if err.errno != errno.ENXIO:  # ENXIO: no data after pos
+            return [(0, size)]
+    return extents
+
+
 def scrub_file(path: Path) -> None:
     """Overwrite a file's bytes with zeros, sync, then unlink it."""
     try:
@@ -42,10 +63,10 @@ def scrub_file(path: Path) -> None:
     except FileNotFoundError:
         return
     try:
-        size = os.fstat(fd).st_size
         zeros = bytes(SCRUB_CHUNK)
-        for offset in range(0, size, SCRUB_CHUNK):
-            os.pwrite(fd, zeros[: min(SCRUB_CHUNK, size - offset)], offset)
+        for start, end in _data_extents(fd):  # holes hold nothing: a sparse RAM image is fast
+            for offset in range(start, end, SCRUB_CHUNK):
+                os.pwrite(fd, zeros[: min(SCRUB_CHUNK, end - offset)], offset)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -21,22 +21,43 @@ from vmsynth.formats.frames import FrameHead, Record, decode_payload
 from vmsynth.formats.layout import MAX_FRAME_RAW, RECORD, Kind, Stream
 from vmsynth.formats.seal import Sealer
 
-from .bases import Identity
+from .bases import Identity, MemoryIdentity
 from .blocks import BLOCK, CHUNK
 from .errors import CorruptOverlayError, UnsupportedFormatError
+from .memory import MachineInfo
 
 WORKERS = 2
 LOOKAHEAD = 4
 
 
 MAX_DISK = 1 << 48  # 256 TiB: beyond any real disk, and what a qcow2 writer can index cheaply
+Read = Callable[[int, int], bytes]
 
 
 @dataclass(frozen=True)
-class DiskManifest:
+class StreamInfo:
+    """One object an overlay rebuilds, and the size of the base object it is diffed against."""
+
+    id: int
     virtual_size: int
+    base_size: int
+    machine: MachineInfo | None = None  # memory: what the rebuilt snapshot resumes on
+
+
+@dataclass(frozen=True)
+class Manifest:
     base: Identity
     block_size: int
+    disk: StreamInfo
+    memory: StreamInfo | None
+
+    @property
+    def virtual_size(self) -> int:
+        return self.disk.virtual_size
+
+    @property
+    def streams(self) -> dict[int, StreamInfo]:
+        return {s.id: s for s in (self.disk, self.memory) if s is not None}
 
 
 def _size(value: object, what: str) -> int:
@@ -52,25 +73,48 @@ def _text(value: object, what: str) -> str:
     return value
 
 
-def disk_manifest(manifest: dict) -> DiskManifest:
+def read_manifest(manifest: dict) -> Manifest:
     """The manifest's fields that rebuilding needs, each checked for type and range."""
     try:
         streams = {s["kind"]: s for s in manifest["streams"]}
         disk, base = streams["disk"], manifest["base"]
-        out = DiskManifest(
-            _size(disk["virtual_size"], "disk size"),
-            Identity(_text(base["name"], "base name"), _text(base["version"], "base version"),
-                     _size(base["virtual_size"], "base size"), _text(base["digest"], "base digest")),
-            _size(manifest["block_size"], "block size"))
+        unknown = set(streams) - {"disk", "memory"}
+        if unknown:
+            raise UnsupportedFormatError(f"overlay holds streams this vmsynth cannot rebuild: "
+                                         f"{sorted(map(str, unknown))}", hint="upgrade vmsynth")
+        base_memory = None
+        memory = None
+        if "memory" in streams:
+            mem, base_mem = streams["memory"], base["memory"]
+            if not isinstance(base_mem, dict):
+                raise TypeError("base.memory")
+            base_memory = MemoryIdentity(_size(base_mem["size"], "base memory size"),
+                                         _text(base_mem["digest"], "base memory digest"))
+            memory = StreamInfo(_stream_id(mem, Stream.MEMORY),
+                                _size(mem["virtual_size"], "memory size"), base_memory.size,
+                                MachineInfo.from_json(mem["machine"], "overlay manifest"))
+            if memory.virtual_size < memory.machine.ram_size:
+                raise CorruptOverlayError("overlay manifest's memory is smaller than its RAM")
+        identity = Identity(_text(base["name"], "base name"),
+                            _text(base["version"], "base version"),
+                            _size(base["virtual_size"], "base size"),
+                            _text(base["digest"], "base digest"), base_memory)
+        out = Manifest(identity, _size(manifest["block_size"], "block size"),
+                       StreamInfo(_stream_id(disk, Stream.DISK),
+                                  _size(disk["virtual_size"], "disk size"),
+                                  identity.virtual_size), memory)
     except (KeyError, TypeError) as err:
         raise CorruptOverlayError(f"overlay manifest lacks a required field ({err})") from err
-    if set(streams) - {"disk"}:
-        raise UnsupportedFormatError(f"overlay holds streams this vmsynth cannot rebuild: "
-                                     f"{sorted(map(str, set(streams) - {'disk'}))}",
-                                     hint="upgrade vmsynth")
     if out.block_size != BLOCK:
         raise CorruptOverlayError("overlay manifest has an invalid block size")
     return out
+
+
+def _stream_id(entry: dict, want: Stream) -> int:
+    if entry.get("id") != want or type(entry.get("id")) is not int:
+        raise CorruptOverlayError(f"overlay manifest: the {want.name.lower()} stream must have "
+                                  f"id {int(want)}")
+    return int(want)
 
 
 class Sink(Protocol):
@@ -88,8 +132,10 @@ class Decoded:
     data: list[bytes | None]  # produced bytes of DATA / DELTA records, None for others
 
 
-def _decode(head: FrameHead, stored: bytes, base_read: Callable[[int, int], bytes] | None,
+def _decode(head: FrameHead, stored: bytes, base_read: Read | None,
             sealer: Sealer | None) -> Decoded:
+    """Open and check one frame; expand its DATA and DELTA records (`base_read`: the base
+    object of the frame's stream, None when checking without a base)."""
     records, area = decode_payload(head, stored, sealer)
     out: list[bytes | None] = []
     pos = produced = 0
@@ -125,13 +171,14 @@ def _decode(head: FrameHead, stored: bytes, base_read: Callable[[int, int], byte
     return Decoded(head, records, out)
 
 
-def decoded_frames(overlay: OverlayStream, base_read: Callable[[int, int], bytes] | None,
+def decoded_frames(overlay: OverlayStream, bases: dict[int, Read] | None,
                    sealer: Sealer | None) -> Iterator[Decoded]:
     """Frames decoded on worker threads, yielded in file order."""
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmsynth-decode") as pool:
         pending: deque = deque()
         try:
             for frame in overlay.frames():
+                base_read = bases.get(frame.head.stream) if bases else None
                 pending.append(pool.submit(_decode, frame.head, frame.stored, base_read,
                                            sealer))
                 while len(pending) > LOOKAHEAD:
@@ -151,30 +198,38 @@ class ReplayReport:
     result_digest: str | None  # None when checked without a base
 
 
-def replay(overlay: OverlayStream, manifest: DiskManifest,
-           base_read: Callable[[int, int], bytes] | None, sink: Sink | None,
-           progress: Callable[[int], None] | None = None,
+def replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] | None,
+           sinks: dict[int, Sink] | None, progress: Callable[[int], None] | None = None,
            sealer: Sealer | None = None) -> ReplayReport:
-    """Check every frame and record; with a base, rebuild the result into `sink`.
+    """Check every frame and record; with the base objects, rebuild each stream into its sink.
 
-    Without a base (`base_read` None) only the structure and the frame digests are checked:
-    the result digest needs the base's bytes.
+    `bases` and `sinks` are keyed by stream id (0 disk, 1 memory). Without bases only the
+    structure and the frame digests are checked: the result digest needs the base's bytes.
     """
-    size, base_size = manifest.virtual_size, manifest.base.virtual_size
-    rebuild = base_read is not None and sink is not None
-    end = 0  # records must ascend without overlap: the result before `end` is final
+    streams = manifest.streams
+    rebuild = bases is not None and sinks is not None
+    stream, end = -1, 0  # streams ascend; within one, records ascend without overlap
     digests = hashlib.sha256()
     frames = records = changed = 0
-    for dec in decoded_frames(overlay, base_read, sealer):
-        if dec.head.stream != Stream.DISK:
-            raise UnsupportedFormatError(f"frame {dec.head.seq} is for an unsupported stream")
+    for dec in decoded_frames(overlay, bases, sealer):
+        info = streams.get(dec.head.stream)
+        if info is None:
+            raise UnsupportedFormatError(f"frame {dec.head.seq} is for a stream the overlay's "
+                                         f"manifest does not list ({dec.head.stream})")
+        if info.id < stream:
+            raise CorruptOverlayError(f"frame {dec.head.seq} goes back to an earlier stream")
+        if info.id != stream:
+            stream, end = info.id, 0
         frame_digest = hashlib.sha256()
         for r, data in zip(dec.records, dec.data, strict=True):
             where = f"frame {dec.head.seq}: record at {r.target}+{r.length}"
-            if r.target < end or r.length <= 0 or r.target + r.length > size:
-                raise CorruptOverlayError(f"{where} is out of order or outside the disk")
-            if r.kind is Kind.BASE and r.source + r.length > base_size:
+            if r.target < end or r.length <= 0 or r.target + r.length > info.virtual_size:
+                raise CorruptOverlayError(f"{where} is out of order or outside its stream")
+            if r.kind is Kind.BASE and r.source + r.length > info.base_size:
                 raise CorruptOverlayError(f"{where} refers past the end of the base")
+            if r.kind is Kind.DISK and (info.id == Stream.DISK or
+                                        r.source + r.length > manifest.disk.base_size):
+                raise CorruptOverlayError(f"{where} refers past the end of the base disk")
             if r.kind is Kind.COPY and r.source + r.length > r.target:
                 raise CorruptOverlayError(f"{where} copies from a region not yet rebuilt")
             end = r.target + r.length
@@ -182,12 +237,14 @@ def replay(overlay: OverlayStream, manifest: DiskManifest,
             changed += r.length
             if not rebuild:
                 continue
-            assert sink is not None and base_read is not None
+            assert sinks is not None and bases is not None
+            sink = sinks[info.id]
             frame_digest.update(RECORD.pack(r.kind, 0, r.target, r.length, 0))
             if r.kind is Kind.ZERO:
                 sink.zero(r.target, r.length)
-            elif r.kind in (Kind.BASE, Kind.COPY):
-                read = base_read if r.kind is Kind.BASE else sink.read_result
+            elif r.kind in (Kind.BASE, Kind.DISK, Kind.COPY):
+                read = sink.read_result if r.kind is Kind.COPY else \
+                    bases[Stream.DISK if r.kind is Kind.DISK else info.id]
                 # Piece by piece: a huge declared length must not become a huge allocation.
                 for pos in range(0, r.length, CHUNK):
                     piece = read(r.source + pos, min(CHUNK, r.length - pos))

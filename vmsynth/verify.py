@@ -8,14 +8,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmsynth.formats.container import OverlayStream, open_summary, read_footer
+from vmsynth.formats.container import Footer, OverlayStream, open_summary, read_footer
+from vmsynth.formats.layout import Stream
 
 from .apply import rebuild
 from .bases import Base
 from .errors import CorruptOverlayError, OverBudgetError
 from .keys import Key, sealer_for
 from .store import scratch_dir
-from .synth import ReplayReport, disk_manifest, replay
+from .synth import Manifest, ReplayReport, read_manifest, replay
 
 LINKS_MBPS = (10, 50, 1000)  # the seed chapter's calculator: LTE / busy Wi-Fi, Wi-Fi, LAN
 
@@ -47,7 +48,7 @@ def verify(source: BinaryIO, base: Base | None = None, max_size: int | None = No
     the result digest too; with `max_size`, the budget. Raises on the first failure."""
     counted = _Counting(source)
     overlay = OverlayStream(counted)  # type: ignore[arg-type]
-    manifest = disk_manifest(overlay.header.manifest)
+    manifest = read_manifest(overlay.header.manifest)
     if base is not None:
         base.check_matches(manifest.base)
     sealer = sealer_for(overlay.header, key)
@@ -56,7 +57,8 @@ def verify(source: BinaryIO, base: Base | None = None, max_size: int | None = No
     else:
         scratch = scratch_dir("verify")
         try:
-            report = rebuild(overlay, base, scratch / "check.qcow2", sealer, progress)
+            report, _ = rebuild(overlay, base, scratch / "check.qcow2", sealer, progress,
+                                memory_out=scratch / "check.vmem")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     if max_size is not None and counted.count > max_size:
@@ -81,7 +83,7 @@ def describe(path: Path, key: Key | None = None) -> dict[str, Any]:
         footer = read_footer(f, overlay.header.encrypted)
         size = footer.file_length
     header = overlay.header
-    manifest = disk_manifest(header.manifest)
+    manifest = read_manifest(header.manifest)
     encryption = header.manifest.get("encryption")
     if header.encrypted and not (isinstance(encryption, dict) and
                                  isinstance(encryption.get("cipher"), str) and
@@ -103,7 +105,7 @@ def describe(path: Path, key: Key | None = None) -> dict[str, Any]:
     return {
         "path": str(path),
         "format_version": f"{header.major}.{header.minor}",
-        "base": asdict(manifest.base),
+        "base": _base_json(manifest),
         "sizes": {"overlay": size, "payload_uncompressed": raw, "payload_stored": stored,
                   "virtual_disk": manifest.virtual_size},
         "blocks": blocks,
@@ -117,4 +119,31 @@ def describe(path: Path, key: Key | None = None) -> dict[str, Any]:
         "result_digest": summary.get("result_digest"),
         "transfer_seconds": {"overlay": transfer_seconds(size),
                              "full_disk": transfer_seconds(manifest.virtual_size)},
+        "memory": _memory_part(manifest, footer, summary),
     }
+
+
+def _base_json(manifest: Manifest) -> dict[str, Any]:
+    """The base identity as the manifest states it."""
+    out = asdict(manifest.base)
+    memory = out.pop("memory")
+    if memory is not None:
+        out["memory"] = {"size": memory["size"], "digest": memory["digest"]}
+    return out
+
+
+def _memory_part(manifest: Manifest, footer: Footer, summary: dict[str, Any]
+                 ) -> dict[str, Any] | None:
+    """The memory stream, if any: what it rebuilds and what it costs in the file."""
+    if manifest.memory is None:
+        return None
+    machine = manifest.memory.machine
+    assert machine is not None
+    blocks = summary.get("memory_blocks")
+    return {"size": manifest.memory.virtual_size, "ram_size": machine.ram_size,
+            "machine": machine.to_json(),
+            "frames": sum(1 for e in footer.index if e.stream == Stream.MEMORY),
+            "stored_bytes": sum(e.stored_length for e in footer.index
+                                if e.stream == Stream.MEMORY),
+            "blocks": {str(k): v for k, v in blocks.items() if type(v) is int}
+            if isinstance(blocks, dict) else None}  # informative: the digests decide

@@ -1,15 +1,19 @@
 """Launch, watch and stop one QEMU virtual machine.
 
-A Machine owns a run directory (QMP socket, serial log, QEMU's own log) and its QEMU
-process. QEMU runs in its own session so a Ctrl-C at the terminal reaches us, not it: we
-then ask the guest to power down over QMP, wait a grace period, quit QEMU, and kill it if
-it still lingers. Used as a context manager, no QEMU process outlives the Machine.
+A Machine owns a run directory (QMP socket, serial log, QEMU's own log, the guest's RAM
+file) and its QEMU process. QEMU runs in its own session so a Ctrl-C at the terminal reaches
+us, not it: we then ask the guest to power down over QMP, wait a grace period, quit QEMU,
+and kill it if it still lingers. Used as a context manager, no QEMU process outlives the
+Machine. Guest RAM always lives in a shared file, so any VM can be snapshotted page by page
+(memory.py); a Machine can also resume a memory snapshot instead of booting.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import memory
 from .accel import Accel
-from .errors import BadInputError, BootError
+from .errors import BadInputError, BootError, SnapshotError, UsageError
+from .memory import MACHINE_FILE, Vmem
 from .qmp import QMP, QMPError
 from .store import scratch_dir
 from .tools import PACKAGES, ToolError
@@ -44,6 +50,18 @@ class BootOptions:
     ready: str | None = None  # text on the serial console that means "ready"
     timeout: float = 120.0
     extra_args: list[str] = field(default_factory=list)
+    resume: Vmem | None = None  # resume this memory snapshot instead of booting
+
+
+def ram_bytes(text: str) -> int:
+    """QEMU's -m syntax: a number of MiB, or a number with a K, M, G or T suffix."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)[Bb]?", text.strip().upper())
+    if not match:
+        raise UsageError(f"--memory {text!r}: give a size like 256M or 2G")
+    size = int(match[1]) << {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[match[2]]
+    if size < 16 << 20 or size % 4096:
+        raise UsageError(f"--memory {text!r}: at least 16M, in whole pages")
+    return size
 
 
 class Machine:
@@ -53,9 +71,13 @@ class Machine:
         self.grace = grace  # seconds the guest gets to power down when we stop it
         self.on_serial = on_serial  # gets serial output as it arrives (e.g. --serial -)
         self.rundir = scratch_dir("vm")
+        # QMP serves one client per socket: ours, and one for the user (`vmsynth snapshot`).
+        self.control_path = self.rundir / "control.sock"
         self.qmp_path = self.rundir / "qmp.sock"
         self.serial_log = options.serial_log or self.rundir / "serial.log"
         self.qemu_log = self.rundir / "qemu.log"
+        self.ram_file = self.rundir / "ram"
+        self.resume_seconds: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp: QMP | None = None
         self._serial_pos = 0
@@ -65,28 +87,67 @@ class Machine:
 
     def command(self) -> list[str]:
         o = self.options
-        args = [QEMU, *o.accel.qemu_args(), "-m", o.memory, "-smp", str(o.cpus), "-nodefaults",
-                "-no-user-config", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                "-serial", f"file:{self.serial_log}",
-                "-drive", f"file={_escape(o.disk)},format=qcow2,if=virtio,discard=unmap"]
-        if o.vnc == "none":
-            args += ["-display", "none"]
+        vmem = o.resume
+        if vmem is None:
+            size, vga = ram_bytes(o.memory), o.vnc != "none"
+            args = [QEMU, *o.accel.qemu_args(), "-smp", str(o.cpus),
+                    *memory.ram_args(self.ram_file, size, "pc", share=True)]
         else:
-            display = "0,to=99" if o.vnc == "auto" else o.vnc.lstrip(":")
-            args += ["-vga", "std", "-display", "none", "-vnc", f"127.0.0.1:{display}"]
+            # The snapshot decides the machine: the same CPU model, RAM and devices.
+            size, vga = vmem.ram_size, vmem.machine.vga
+            args = [QEMU, "-accel", o.accel.name, "-cpu", vmem.machine.cpu,
+                    "-smp", str(vmem.machine.cpus),
+                    *memory.ram_args(vmem.path, size, vmem.machine.machine, share=False),
+                    "-incoming", "defer"]
+        args += ["-nodefaults", "-no-user-config",
+                 "-qmp", f"unix:{self.control_path},server=on,wait=off",
+                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                 "-serial", f"file:{self.serial_log}",
+                 "-drive", f"file={_escape(o.disk)},format=qcow2,if=virtio,discard=unmap"]
+        if vga:
+            args += ["-vga", "std", "-display", "none"]
+            if o.vnc != "none":
+                display = "0,to=99" if o.vnc == "auto" else o.vnc.lstrip(":")
+                args += ["-vnc", f"127.0.0.1:{display}"]
+        else:
+            args += ["-display", "none"]
         if o.kernel:
             args += ["-kernel", str(o.kernel)]
             if o.initrd:
                 args += ["-initrd", str(o.initrd)]
             args += ["-append", o.append or "console=ttyS0"]
-        return args + o.extra_args
+        return args + self.extra_args()
+
+    def extra_args(self) -> list[str]:
+        """--qemu-arg values; a resumed snapshot's own unless new ones are given."""
+        o = self.options
+        if o.resume is not None and not o.extra_args:
+            return list(o.resume.machine.extra_args)
+        return o.extra_args
+
+    def _record_launch(self) -> None:
+        """What `vmsynth snapshot` needs to know about this VM, beside its QMP socket."""
+        o = self.options
+        vga = o.resume.machine.vga if o.resume else o.vnc != "none"
+        info = {"ram_file": str(self.ram_file if o.resume is None else o.resume.path),
+                "vga": vga, "kernel_boot": o.kernel is not None,
+                "extra_args": self.extra_args(), "accel": o.accel.name,
+                "resumed": o.resume is not None}
+        (self.rundir / MACHINE_FILE).write_text(json.dumps(info))
 
     def start(self) -> None:
         require_qemu()
-        for path, what in ((self.options.disk, "disk"), (self.options.kernel, "kernel"),
-                           (self.options.initrd, "initrd")):
+        o = self.options
+        for path, what in ((o.disk, "disk"), (o.kernel, "kernel"), (o.initrd, "initrd")):
             if path is not None and not Path(path).is_file():
                 raise BadInputError(f"{what} {path}: no such file")
+        if o.resume is not None:
+            memory.check_resumable(o.resume)
+            if o.resume.machine.kernel_boot and o.kernel is None:
+                raise SnapshotError(f"{o.resume.path} is of a VM booted with --kernel: QEMU "
+                                    "needs the same kernel option to resume it",
+                                    hint="pass the --kernel (and --initrd) it was booted with")
+        self._record_launch()
         self.serial_log.parent.mkdir(parents=True, exist_ok=True)
         self.serial_log.write_bytes(b"")
         with open(self.qemu_log, "wb") as log:
@@ -94,7 +155,7 @@ class Machine:
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 10
-        while not self.qmp_path.exists():
+        while not self.control_path.exists():
             if self.proc.poll() is not None:
                 raise BootError(f"QEMU exited at start: {self._qemu_error()}",
                                 hint=self._hint_for(self._qemu_error()))
@@ -102,12 +163,31 @@ class Machine:
                 raise BootError("QEMU did not open its QMP socket within 10 s")
             time.sleep(0.02)
         try:
-            self.qmp = QMP(str(self.qmp_path))
+            self.qmp = QMP(str(self.control_path))
         except QMPError:
             if self.proc.wait(timeout=5) is not None:  # QEMU gave up right after starting
                 raise BootError(f"QEMU exited at start: {self._qemu_error()}",
                                 hint=self._hint_for(self._qemu_error())) from None
             raise
+        if o.resume is not None:
+            try:
+                self.resume_seconds = memory.resume(self.qmp, o.resume, self.rundir)
+            except QMPError as err:
+                if self.proc.wait(timeout=5) is not None:  # QEMU refused the state and quit
+                    raise SnapshotError(f"QEMU could not resume {o.resume.path}: "
+                                        f"{self._qemu_error()}",
+                                        hint="resume with the --kernel and --qemu-arg options "
+                                             "the VM was booted with") from None
+                raise SnapshotError(f"resuming {o.resume.path} failed: {err}") from None
+
+    def snapshot(self, out: Path) -> Vmem:
+        """Snapshot this VM's memory and device state into `out`; QEMU then quits."""
+        if self.qmp is None or self.proc is None or self.proc.poll() is not None:
+            raise SnapshotError("the VM is no longer running: nothing to snapshot")
+        launch = json.loads((self.rundir / MACHINE_FILE).read_text())
+        vmem = memory.take(self.qmp, Path(launch["ram_file"]), launch, out)
+        self.wait(10)
+        return vmem
 
     def _qemu_error(self) -> str:
         lines = [ln for ln in self.qemu_log.read_text(errors="replace").splitlines() if ln]
