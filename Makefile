@@ -42,9 +42,9 @@ $(VENV)/.installed: pyproject.toml $(BUILD)/apt.stamp
 
 setup: $(VENV)/.installed  ## install Debian packages and the virtualenv (.venv)
 
-demo: setup  ## build a tiny VM; create, verify, inspect, apply an overlay; boot the result
+demo: setup  ## build a tiny VM; create, verify, inspect, apply an overlay; boot it; snapshot, resume
 	bash fixtures/build-guest.sh $(DEMO)
-	@rm -rf $(DEMO_HOME) $(DEMO)/app.vmo $(DEMO)/synth.qcow2
+	@rm -rf $(DEMO_HOME) $(DEMO)/app.vmo $(DEMO)/synth.qcow2 $(DEMO)/*.vmem $(DEMO)/*-run.qcow2*
 	@export VMSYNTH_HOME=$(DEMO_HOME); set -e; \
 	echo "== vmsynth base add"; \
 	$(VMSYNTH) base add $(DEMO)/base.qcow2 --name demo-base --version 1.0; \
@@ -62,7 +62,8 @@ demo: setup  ## build a tiny VM; create, verify, inspect, apply an overlay; boot
 	echo "== vmsynth boot synth.qcow2 (the guest prints /marker.txt from the synthesized disk)"; \
 	$(VMSYNTH) boot $(DEMO)/synth.qcow2 --kernel $(DEMO)/kernel --initrd $(DEMO)/initramfs.cpio.gz \
 		--append "console=ttyS0 quiet panic=-1" --memory 256M --vnc none \
-		--ready VMSYNTH-MARKER-END --serial - --timeout 120
+		--ready VMSYNTH-MARKER-END --serial - --timeout 120; \
+	bash fixtures/demo-memory.sh $(DEMO) $(VMSYNTH)
 
 test: setup  ## run the whole test suite (real qemu-img included)
 	$(PY) -m pytest tests
