@@ -29,7 +29,8 @@ Examples:
   vmsynth apply app.vmo --base base.qcow2 -o synth.qcow2
   vmsynth apply app.vmo --base ubuntu-22.04@2.3.1 -o synth.qcow2 --flatten
   qemu-img compare app.qcow2 synth.qcow2      # identical contents
-  vmsynth apply app.vmo --base debian@12 -o synth.qcow2    # with memory: also synth.vmem""")
+  vmsynth apply app.vmo --base debian@12 -o synth.qcow2    # with memory: also synth.vmem
+  vmsynth apply http://depot:8080/app.vmo --base debian@12 -o synth.qcow2""")
 @click.argument("overlay")
 @base_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -46,7 +47,8 @@ Examples:
 @json_option
 def command(overlay: str, base_spec: str, output: str, memory_output: str | None,
             flatten: bool, check_image: bool, key_file: str | None, as_json: bool) -> None:
-    """Rebuild a disk from a base and an overlay (- reads the overlay from standard input).
+    """Rebuild a disk from a base and an overlay (a file, - for standard input, or an
+    http(s) URL: rebuilding proceeds as the bytes arrive).
 
     By default the result is a qcow2 child whose backing file is the base: the base is only
     read, never copied or changed. Every frame's digest and the rebuilt data's digest are
@@ -54,7 +56,7 @@ def command(overlay: str, base_spec: str, output: str, memory_output: str | None
     """
     started = time.monotonic()
     with open_base(base_spec, as_json) as base, open_input(overlay) as source:
-        total = file_size(overlay)
+        total = file_size(overlay, source)
         done = 0
         with console.progress("rebuilding", total, enabled=not as_json) as update:
             def advance(n: int) -> None:

@@ -193,7 +193,8 @@ def snapshot(qmp_socket: str, output: str, as_json: bool) -> None:
 @click.command("run", epilog="""\b
 Examples:
   vmsynth run app.vmo --base ubuntu-22.04@2.3.1 --memory 2G
-  vmsynth run app.vmo --base base.qcow2 --kernel vmlinux --initrd initrd.gz --keep""")
+  vmsynth run app.vmo --base base.qcow2 --kernel vmlinux --initrd initrd.gz --keep
+  vmsynth run http://depot:8080/app.vmo --base debian@12""")
 @click.argument("overlay")
 @base_option
 @click.option("--keep", is_flag=True,
@@ -203,6 +204,7 @@ Examples:
 def run(overlay: str, base_spec: str, keep: bool, as_json: bool, **opts: Any) -> None:
     """Rebuild the VM from OVERLAY on a base, boot or resume it, and scrub it when it ends.
 
+    OVERLAY is a file, - (standard input) or an http(s) URL, rebuilt as it arrives.
     An overlay with a memory snapshot is resumed where it was snapshotted (no boot); the
     disk and memory are rebuilt into a private session directory under $VMSYNTH_HOME/sessions;
     when the VM ends (or on Ctrl-C / SIGTERM / failure) its files are overwritten and
@@ -213,7 +215,7 @@ def run(overlay: str, base_spec: str, keep: bool, as_json: bool, **opts: Any) ->
     try:
         with _sigterm_as_interrupt():
             with open_base(base_spec, as_json) as base, open_input(overlay) as source:
-                total, done = file_size(overlay), 0
+                total, done = file_size(overlay, source), 0
                 with console.progress("rebuilding", total, enabled=not as_json) as update:
                     def advance(n: int) -> None:
                         nonlocal done

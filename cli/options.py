@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import http.client
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -37,11 +40,23 @@ def open_base(spec: str, as_json: bool) -> Iterator[Base]:
         base.close()
 
 
+def is_url(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
 @contextlib.contextmanager
 def open_input(path: str) -> Iterator[BinaryIO]:
-    """An overlay to read: a path, or - for standard input."""
+    """An overlay to read: a path, - for standard input, or an http(s) URL.
+
+    Standard input and URLs are read front to back as the bytes arrive: rebuilding starts
+    before the transfer ends, and the overlay is never held whole in memory or on disk.
+    """
     if path == "-":
         yield sys.stdin.buffer
+        return
+    if is_url(path):
+        with fetch(path) as response:
+            yield response
         return
     try:
         f = open(Path(path), "rb")  # noqa: SIM115
@@ -75,8 +90,61 @@ def open_memory(path: str | None) -> Iterator[VmemImage | None]:
         image.close()
 
 
-def file_size(path: str) -> int:
-    return Path(path).stat().st_size if path != "-" else 0
+URL_TIMEOUT = 30.0  # seconds without a byte before a fetch counts as failed
+
+
+class Download:
+    """An http(s) response read as it arrives; a broken transfer is one clear error."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.received = 0
+        try:
+            self.response = urllib.request.urlopen(url, timeout=URL_TIMEOUT)  # noqa: S310
+        except urllib.error.HTTPError as err:
+            raise BadInputError(f"{url}: the server answered {err.code} {err.reason}") from None
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise BadInputError(f"{url}: cannot fetch it ({reason})",
+                                hint="check the address and that the server is reachable"
+                                ) from None
+        length = self.response.headers.get("Content-Length", "")
+        self.size = int(length) if length.isdigit() else 0
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.response.read(n)
+        except (OSError, http.client.HTTPException) as err:
+            raise self._broken(str(err) or type(err).__name__) from None
+        self.received += len(data)
+        if n and not data and self.received < self.size:
+            raise self._broken(f"{self.size:,} announced")
+        return data
+
+    def _broken(self, why: str) -> BadInputError:
+        return BadInputError(f"{self.url}: the transfer broke off after {self.received:,} "
+                             f"bytes ({why})", hint="nothing was written; try again")
+
+    def close(self) -> None:
+        self.response.close()
+
+
+@contextlib.contextmanager
+def fetch(url: str) -> Iterator[BinaryIO]:
+    download = Download(url)
+    try:
+        yield download  # type: ignore[misc]
+    finally:
+        download.close()
+
+
+def file_size(path: str, source: object = None) -> int:
+    """The overlay's size when known beforehand (for progress): 0 for a pipe."""
+    if path == "-":
+        return 0
+    if isinstance(source, Download):
+        return source.size
+    return Path(path).stat().st_size
 
 
 PASSPHRASE_ENV = "VMSYNTH_PASSPHRASE"

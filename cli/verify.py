@@ -37,7 +37,7 @@ def command(overlay: str, base_spec: str | None, max_size: int | None, key_file:
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(open_base(base_spec, as_json)) if base_spec else None
         source = stack.enter_context(open_input(overlay))
-        total = file_size(overlay)
+        total = file_size(overlay, source)
         done = 0
         update = stack.enter_context(console.progress("verifying", total, not as_json))
 
