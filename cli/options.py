@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import http.client
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -100,7 +100,7 @@ class Download:
         self.url = url
         self.received = 0
         try:
-            self.response = urllib.request.urlopen(url, timeout=URL_TIMEOUT)  # noqa: S310
+            self.response = urllib.request.urlopen(url, timeout=URL_TIMEOUT)
         except urllib.error.HTTPError as err:
             raise BadInputError(f"{url}: the server answered {err.code} {err.reason}") from None
         except (urllib.error.URLError, OSError, ValueError) as err:
