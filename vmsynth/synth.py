@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import zstandard
 
@@ -206,10 +206,29 @@ def replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] | 
     `bases` and `sinks` are keyed by stream id (0 disk, 1 memory). Without bases only the
     structure and the frame digests are checked: the result digest needs the base's bytes.
     """
+    digests = _ResultDigest()
+    try:
+        report = _replay(overlay, manifest, bases, sinks, progress, sealer, digests)
+    finally:
+        digests.close()
+    if report.result_digest is None:
+        return report
+    assert overlay.footer is not None
+    summary = open_summary(overlay.footer, sealer)  # sealed: authenticates the frame count
+    if report.result_digest != summary.get("result_digest"):
+        raise CorruptOverlayError("the rebuilt disk's digest does not match the overlay's "
+                                  "(wrong base contents, or a damaged overlay)",
+                                  hint="check that the base file is intact, and fetch the "
+                                       "overlay again")
+    return report
+
+
+def _replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] | None,
+            sinks: dict[int, Sink] | None, progress: Callable[[int], None] | None,
+            sealer: Sealer | None, digests: _ResultDigest) -> ReplayReport:
     streams = manifest.streams
     rebuild = bases is not None and sinks is not None
     stream, end = -1, 0  # streams ascend; within one, records ascend without overlap
-    digests = hashlib.sha256()
     frames = records = changed = 0
     for dec in decoded_frames(overlay, bases, sealer):
         info = streams.get(dec.head.stream)
@@ -220,7 +239,7 @@ def replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] | 
             raise CorruptOverlayError(f"frame {dec.head.seq} goes back to an earlier stream")
         if info.id != stream:
             stream, end = info.id, 0
-        frame_digest = hashlib.sha256()
+        digests.begin_frame()
         for r, data in zip(dec.records, dec.data, strict=True):
             where = f"frame {dec.head.seq}: record at {r.target}+{r.length}"
             if r.target < end or r.length <= 0 or r.target + r.length > info.virtual_size:
@@ -239,7 +258,7 @@ def replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] | 
                 continue
             assert sinks is not None and bases is not None
             sink = sinks[info.id]
-            frame_digest.update(RECORD.pack(r.kind, 0, r.target, r.length, 0))
+            digests.update(RECORD.pack(r.kind, 0, r.target, r.length, 0))
             if r.kind is Kind.ZERO:
                 sink.zero(r.target, r.length)
             elif r.kind in (Kind.BASE, Kind.DISK, Kind.COPY):
@@ -248,24 +267,75 @@ def replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] | 
                 # Piece by piece: a huge declared length must not become a huge allocation.
                 for pos in range(0, r.length, CHUNK):
                     piece = read(r.source + pos, min(CHUNK, r.length - pos))
-                    frame_digest.update(piece)
+                    digests.update(piece)
                     sink.write(r.target + pos, piece)
             else:
                 assert data is not None
-                frame_digest.update(data)
+                digests.update(data)
                 sink.write(r.target, data)
-        digests.update(frame_digest.digest())
+        digests.end_frame()
         frames += 1
         if progress:
             progress(dec.head.stored_length)
     assert overlay.footer is not None
-    summary = open_summary(overlay.footer, sealer)  # sealed: authenticates the frame count
     if not rebuild:
+        open_summary(overlay.footer, sealer)  # sealed: authenticates the frame count
         return ReplayReport(frames, records, changed, None)
-    digest = "sha256:" + digests.hexdigest()
-    if digest != summary.get("result_digest"):
-        raise CorruptOverlayError("the rebuilt disk's digest does not match the overlay's "
-                                  "(wrong base contents, or a damaged overlay)",
-                                  hint="check that the base file is intact, and fetch the "
-                                       "overlay again")
-    return ReplayReport(frames, records, changed, digest)
+    return ReplayReport(frames, records, changed, "sha256:" + digests.hexdigest())
+
+
+def _feed(h: Any, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        h.update(piece)
+
+
+class _ResultDigest:
+    """The result digest (SPEC.md section 5), computed on a worker thread.
+
+    hashlib releases the GIL on large buffers, so hashing the rebuilt bytes runs beside the
+    main thread's writes. One worker takes batches in order; a bounded number in flight
+    keeps memory small whatever a record declares.
+    """
+
+    BATCH = 4 << 20
+    IN_FLIGHT = 8
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vmsynth-digest")
+        self.pending: deque[Future] = deque()
+        self.total = hashlib.sha256()
+        self.frame = hashlib.sha256()
+        self.batch: list[bytes] = []
+        self.size = 0
+
+    def begin_frame(self) -> None:
+        self.frame = hashlib.sha256()
+
+    def update(self, data: bytes) -> None:
+        self.batch.append(data)
+        self.size += len(data)
+        if self.size >= self.BATCH:
+            self._submit()
+
+    def _submit(self, *then: Callable[[], None]) -> None:
+        batch, frame = self.batch, self.frame
+        self.batch, self.size = [], 0
+        self.pending.append(self.pool.submit(_feed, frame, batch))
+        for job in then:
+            self.pending.append(self.pool.submit(job))
+        while len(self.pending) > self.IN_FLIGHT:
+            self.pending.popleft().result()
+
+    def end_frame(self) -> None:
+        frame, total = self.frame, self.total
+        self._submit(lambda: total.update(frame.digest()))
+
+    def hexdigest(self) -> str:
+        while self.pending:
+            self.pending.popleft().result()
+        return self.total.hexdigest()
+
+    def close(self) -> None:
+        for fut in self.pending:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
