@@ -89,15 +89,15 @@ def _build_frame(seq: int, stream: Stream, items: list[_Item], level: int,
                 data.append(delta)
             else:
                 kind = Kind.DATA
+        # One buffer per record: hashing it is one call that releases the GIL once.
+        payload = it.blocks[0] if len(it.blocks) == 1 else b"".join(it.blocks)
         if kind is Kind.DATA:
-            payload = b"".join(it.blocks)
             records.append(Record(Kind.DATA, it.target, it.length, 0, len(payload)))
             data.append(payload)
         elif kind is not Kind.DELTA:
             records.append(Record(kind, it.target, it.length, it.source, 0))
         result.update(RECORD.pack(records[-1].kind, 0, it.target, it.length, 0))
-        for block in it.blocks:
-            result.update(block)
+        result.update(payload)
         stats[kind.name.lower()] += -(-it.length // BLOCK)
     frame = encode_frame(seq, stream, records, data, compressor, sealer)
     return frame, result.digest(), stats
