@@ -109,7 +109,7 @@ def command(base_spec: str, disk: str, memory: str | None, output: str, level: i
         console.err.print(
             f"  memory pages: {pages['data']} new, {pages['delta']} delta, {pages['copy']} "
             f"deduped, {pages['base']} from base memory, {pages['disk']} from base disk, "
-            f"{pages['zero']} zero")
+            f"{pages['disk_copy']} from the new disk, {pages['zero']} zero")
 
 
 def _check_budget(size: int, max_size: int | None) -> None:

@@ -87,7 +87,9 @@ def command(overlay: str, files: bool, base_spec: str | None, top: int, key_file
             table.add_row("memory pages", f"{pages.get('data', 0)} new, "
                           f"{pages.get('delta', 0)} delta, {pages.get('copy', 0)} deduped, "
                           f"{pages.get('base', 0)} from base memory, "
-                          f"{pages.get('disk', 0)} from base disk, {pages.get('zero', 0)} zero")
+                          f"{pages.get('disk', 0)} from base disk, "
+                          f"{pages.get('disk_copy', 0)} from the new disk, "
+                          f"{pages.get('zero', 0)} zero")
     if info["encrypted"]:
         kdf = info["encryption"]["kdf"].get("name")
         table.add_row("encryption", f"{info['encryption']['cipher']}, "

@@ -57,6 +57,7 @@ class Kind(IntEnum):
     COPY = 4  # `length` bytes of the result, from offset `source` (< target)
     DELTA = 5  # zstd frame decoded with base[source:source+length] as raw-content dictionary
     DISK = 6  # `length` bytes of the base's disk, from offset `source` (1.1; memory frames)
+    DISK_COPY = 7  # `length` bytes of the rebuilt disk, from offset `source` (1.1; memory)
 
 
 class Incompat(IntFlag):

@@ -54,7 +54,7 @@ class MemoryPair:
     expected: dict[str, int]  # memory pages by record kind
 
 
-def build_memory_pair(h, folder: Path, disk_data: bytes) -> MemoryPair:
+def build_memory_pair(h, folder: Path, disk_data: bytes, new_disk_block: bytes) -> MemoryPair:
     """A base RAM image and an app's, with one page of every kind the differ tells apart.
 
     Most pages are zero, as in a freshly booted guest; the state streams differ in content
@@ -64,7 +64,7 @@ def build_memory_pair(h, folder: Path, disk_data: bytes) -> MemoryPair:
     for i in range(200):
         base[i * BLOCK:(i + 1) * BLOCK] = h.text_block(f"ram-{i}")
     app = bytearray(base)
-    expected = dict.fromkeys(("data", "delta", "zero", "base", "copy", "disk"), 0)
+    expected = dict.fromkeys(("data", "delta", "zero", "base", "copy", "disk", "disk_copy"), 0)
 
     def put(page: int, data: bytes, kind: str) -> None:
         app[page * BLOCK:(page + 1) * BLOCK] = data
@@ -73,6 +73,7 @@ def build_memory_pair(h, folder: Path, disk_data: bytes) -> MemoryPair:
     put(1, bytes(BLOCK), "zero")
     put(2, base[40 * BLOCK:41 * BLOCK], "base")
     put(3, disk_data[7 * BLOCK:8 * BLOCK], "disk")  # page cache holding a base disk block
+    put(6, new_disk_block, "disk_copy")  # ... or a block the app wrote to its disk
     new = h.text_block("app-page")
     put(4, new, "data")
     put(300, new, "copy")
@@ -92,7 +93,8 @@ def build_memory_pair(h, folder: Path, disk_data: bytes) -> MemoryPair:
 
 @pytest.fixture
 def pair(h, small_pair, tmp_path) -> MemoryPair:
-    return build_memory_pair(h, tmp_path, small_pair.base_data)
+    new = small_pair.app_data[17 * BLOCK:18 * BLOCK]  # new data in the small pair's disk
+    return build_memory_pair(h, tmp_path, small_pair.base_data, new)
 
 
 @pytest.fixture
@@ -354,8 +356,8 @@ def test_resume_refuses_another_qemu_version(h, tmp_path, monkeypatch):
 
 PAGES = 64
 page_edits = st.lists(st.tuples(st.integers(0, PAGES - 1),
-                                 st.sampled_from(["zero", "base", "disk", "same-as", "edit",
-                                                  "random"]),
+                                 st.sampled_from(["zero", "base", "disk", "disk-new", "same-as",
+                                                  "edit", "random"]),
                                  st.integers(0, 1 << 16)), max_size=40)
 
 
@@ -380,6 +382,9 @@ def test_any_page_edits_rebuild_exactly(h, small_pair, tmp_path_factory, edits, 
         elif kind == "disk":
             block = n % (len(disk) // BLOCK)
             app[at] = disk[block * BLOCK:(block + 1) * BLOCK]
+        elif kind == "disk-new":  # a block of the app's disk, new or not
+            block = n % (len(small_pair.app_data) // BLOCK)
+            app[at] = small_pair.app_data[block * BLOCK:(block + 1) * BLOCK]
         elif kind == "same-as":
             other = n % PAGES
             app[at] = app[other * BLOCK:(other + 1) * BLOCK]

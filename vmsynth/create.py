@@ -35,7 +35,7 @@ from .qcow2 import Image, Qcow2Image, changed_ranges
 
 Progress = Callable[[int, int], None]
 Read = Callable[[int, int], bytes]
-KINDS = ("data", "delta", "zero", "base", "copy", "disk")
+KINDS = ("data", "delta", "zero", "base", "copy", "disk", "disk_copy")
 
 FRAME_DATA = 1 << 20  # new data per frame: ~1 MiB frames compress well and fast (PERF.md)
 FRAME_COVER = 8 << 20  # bytes a frame may describe, so references stay cheap to verify
@@ -174,6 +174,18 @@ class _FrameQueue:
             self.pool.shutdown(wait=True)
 
 
+class _OwnBlocks:
+    """The blocks a differ found nowhere else, as a lookup for the next stream's differ: a
+    page of the page cache often holds a file block the disk stream just stored."""
+
+    def __init__(self, own: dict[int, int]) -> None:
+        self.own = own
+
+    def candidates(self, h: int) -> list[int]:
+        src = self.own.get(h)
+        return [] if src is None else [src]
+
+
 class _Differ:
     """Classifies the changed blocks of one stream and feeds the frame queue.
 
@@ -181,7 +193,8 @@ class _Differ:
     `lookups` are where an identical block may already be: (record kind, index, reader).
     """
 
-    def __init__(self, new: Read, old: Read, lookups: list[tuple[Kind, BlockIndex, Read]],
+    def __init__(self, new: Read, old: Read,
+                 lookups: list[tuple[Kind, BlockIndex | _OwnBlocks, Read]],
                  queue: _FrameQueue) -> None:
         self.new, self.old, self.lookups, self.queue = new, old, lookups, queue
         self.own: dict[int, int] = {}  # xxh3 of blocks already in this stream -> target
@@ -286,12 +299,14 @@ def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
             mem = base.memory
             differ = _Differ(memory.read, mem.image.read,
                              [(Kind.BASE, mem.index, mem.image.read),
-                              (Kind.DISK, base.index, base.image.read)], queue)
+                              (Kind.DISK, base.index, base.image.read),
+                              (Kind.DISK_COPY, _OwnBlocks(differ.own), disk.read)], queue)
             differ.region(0, memory.virtual_size, advance)
     finally:
         queue.close()
     summary = {
-        "blocks": {k: v for k, v in queue.stats[Stream.DISK].items() if k != "disk"},
+        "blocks": {k: v for k, v in queue.stats[Stream.DISK].items()
+                   if k not in ("disk", "disk_copy")},
         "payload_raw_bytes": queue.raw_bytes,
         "payload_stored_bytes": queue.stored_bytes,
         "frames": queue.seq,

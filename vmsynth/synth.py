@@ -249,6 +249,9 @@ def _replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] |
             if r.kind is Kind.DISK and (info.id == Stream.DISK or
                                         r.source + r.length > manifest.disk.base_size):
                 raise CorruptOverlayError(f"{where} refers past the end of the base disk")
+            if r.kind is Kind.DISK_COPY and (info.id == Stream.DISK or
+                                             r.source + r.length > manifest.disk.virtual_size):
+                raise CorruptOverlayError(f"{where} refers past the end of the rebuilt disk")
             if r.kind is Kind.COPY and r.source + r.length > r.target:
                 raise CorruptOverlayError(f"{where} copies from a region not yet rebuilt")
             end = r.target + r.length
@@ -261,9 +264,10 @@ def _replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] |
             digests.update(RECORD.pack(r.kind, 0, r.target, r.length, 0))
             if r.kind is Kind.ZERO:
                 sink.zero(r.target, r.length)
-            elif r.kind in (Kind.BASE, Kind.DISK, Kind.COPY):
-                read = sink.read_result if r.kind is Kind.COPY else \
-                    bases[Stream.DISK if r.kind is Kind.DISK else info.id]
+            elif r.kind in (Kind.BASE, Kind.DISK, Kind.COPY, Kind.DISK_COPY):
+                read = {Kind.BASE: bases[info.id], Kind.DISK: bases[Stream.DISK],
+                        Kind.COPY: sink.read_result,
+                        Kind.DISK_COPY: sinks[Stream.DISK].read_result}[r.kind]
                 # Piece by piece: a huge declared length must not become a huge allocation.
                 for pos in range(0, r.length, CHUNK):
                     piece = read(r.source + pos, min(CHUNK, r.length - pos))
