@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from vmsynth.cli.main import main
 
-from vmsynth import errors
+from vmsynth import errors, memory
 from vmsynth.apply import apply
 from vmsynth.verify import describe, verify
 
@@ -42,7 +42,8 @@ def vector_base(gen, tmp_path_factory):
     """The base the vectors were made for, rebuilt from the generator's recipe."""
     folder = tmp_path_factory.mktemp("vector-images")
     base_path, app_path = gen.build_images(folder)
-    return base_path, app_path
+    base_vmem, _ = gen.build_memory(folder)
+    return base_path, app_path, base_vmem
 
 
 def error_class(name: str) -> type[errors.VmsynthError]:
@@ -91,9 +92,9 @@ def test_cli_verify_exit_code(name, capsys):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_apply_on_the_right_base(name, vector_base, gen, tmp_path, h):
-    base_path, _ = vector_base
+    base_path, _, base_vmem = vector_base
     expected = DOC["vectors"][name]
-    base = gen.open_base(base_path)
+    base = gen.open_base(base_path, base_vmem if name.startswith("mem-") else None)
     out = tmp_path / "synth.qcow2"
     try:
         with open(VECTORS / name, "rb") as f:
@@ -110,19 +111,23 @@ def test_apply_on_the_right_base(name, vector_base, gen, tmp_path, h):
         rebuilt = h.read_image(out)
         assert len(rebuilt) == expected["virtual_size"]
         assert "sha256:" + hashlib.sha256(rebuilt).hexdigest() == expected["disk_sha256"]
+        if "memory" in expected:
+            vmem = memory.read_vmem(tmp_path / "synth.vmem")
+            memory.check(vmem)
+            assert vmem.digest == expected["memory"]["digest"]
     else:
         assert list(tmp_path.iterdir()) == []  # nothing, not even a temporary file
 
 
 def test_good_vector_matches_the_generators_app(vector_base, h):
     """The recorded disk digest is the digest of the app the recipe builds."""
-    _, app_path = vector_base
+    _, app_path, _ = vector_base
     digest = "sha256:" + hashlib.sha256(h.read_image(app_path)).hexdigest()
     assert digest == DOC["vectors"]["good.vmo"]["disk_sha256"]
 
 
 def test_good_vector_verifies_against_its_base(vector_base, gen):
-    base = gen.open_base(vector_base[0])
+    base = gen.open_base(vector_base[0])  # good.vmo has no memory: a disk-only base
     try:
         with open(VECTORS / "good.vmo", "rb") as f:
             report = verify(f, base)
@@ -133,7 +138,7 @@ def test_good_vector_verifies_against_its_base(vector_base, gen):
 
 
 def test_good_vector_is_refused_on_another_base(vector_base, gen, tmp_path, h):
-    base_path, _ = vector_base
+    base_path, _, _ = vector_base
     other = bytearray(h.read_image(base_path))
     other[5000] ^= 0xFF
     other_path = h.write_image(tmp_path / "other.qcow2", bytes(other))
@@ -159,6 +164,19 @@ def test_inspect_good_vector():
 def test_good_vector_uses_every_record_kind():
     assert all(n > 0 for n in DOC["vectors"]["good.vmo"]["blocks"].values())
     assert set(DOC["vectors"]["good.vmo"]["blocks"]) == {"data", "delta", "zero", "base", "copy"}
+    pages = DOC["vectors"]["mem-good.vmo"]["memory"]["blocks"]
+    assert set(pages) == {"data", "delta", "zero", "base", "copy", "disk", "disk_copy"}
+    assert all(n > 0 for n in pages.values()), pages
+
+
+def test_memory_vector_is_format_1_1_and_the_disk_only_one_1_0():
+    assert describe(VECTORS / "mem-good.vmo")["format_version"] == "1.1"
+    assert describe(VECTORS / "good.vmo")["format_version"] == "1.0"
+
+
+def test_memory_vector_matches_the_generators_snapshot(vector_base, gen, tmp_path):
+    _, app_vmem = gen.build_memory(tmp_path)
+    assert memory.read_vmem(app_vmem).digest == DOC["vectors"]["mem-good.vmo"]["memory"]["digest"]
 
 
 def test_regenerating_gives_identical_files(gen, tmp_path):

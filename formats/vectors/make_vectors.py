@@ -8,6 +8,10 @@ create` diffs them into good.vmo. Each bad vector is good.vmo damaged in one way
 says what a reader must do with each file: accept it (and rebuild the disk whose SHA-256 is
 given), or refuse it with the named error and exit code.
 
+The mem-*.vmo vectors (format 1.1) also carry a memory stream: the app's memory snapshot
+against the base's, both made by `build_memory` (rebuilt by readers from the recipe, like the
+disks), with one page of every memory record kind; `memory.digest` is the rebuilt snapshot's.
+
 The enc-*.vmo vectors are encrypted (SPEC.md section 8), with the key file vectors.key
 (committed beside them, 32 fixed bytes) or the passphrase PASSPHRASE. For them the top-level
 outcome is what a reader given no key must do (refuse, exit 20); `key` names the key and
@@ -48,9 +52,10 @@ from vmsynth.formats.layout import (
     TRAILER_MAGIC,
 )
 
-from vmsynth import bases
+from vmsynth import bases, memory
 from vmsynth import create as create_mod
 from vmsynth.keys import Key
+from vmsynth.memory import MachineInfo
 from vmsynth.qcow2 import Qcow2Image, Qcow2Writer
 
 HERE = Path(__file__).resolve().parent
@@ -73,6 +78,8 @@ SCRYPT_TOO_COSTLY = 1 << 21  # above the n = 2^20 every reader must refuse (SPEC
 # What a reader must do with each vector (the format's contract, not this code's output).
 EXPECTED = {
     "good.vmo": None,
+    "mem-good.vmo": None,
+    "mem-bad-memory-frame.vmo": ("CorruptOverlayError", 13),
     "bad-magic.vmo": ("CorruptOverlayError", 13),
     "truncated.vmo": ("CorruptOverlayError", 13),
     "bad-digest.vmo": ("CorruptOverlayError", 13),
@@ -150,8 +157,54 @@ def build_images(folder: Path) -> tuple[Path, Path]:
     return base_path, app_path
 
 
-def open_base(path: Path) -> bases.Base:
-    return bases.load_path(path, BASE_NAME, BASE_VERSION)
+def open_base(path: Path, memory_path: Path | None = None) -> bases.Base:
+    return bases.load_path(path, BASE_NAME, BASE_VERSION, memory=memory_path)
+
+
+# ---------------------------------------------------------------- memory (format 1.1)
+
+RAM_PAGES = 16
+MACHINE = MachineInfo("pc-i440fx-7.2", "qemu64", RAM_PAGES * BLOCK, "7.2.0", 1, False, True,
+                      (), "tcg")
+
+
+def base_ram() -> bytes:
+    return b"".join(bytes(BLOCK) if i % 4 == 3 else pattern_block(f"ram {i}")
+                    for i in range(RAM_PAGES))
+
+
+def app_ram(base_ram: bytes, base_disk: bytes) -> bytes:
+    """The base's RAM with one page of every kind a memory stream has."""
+    ram = bytearray(base_ram)
+
+    def put(page: int, data: bytes) -> None:
+        ram[page * BLOCK:(page + 1) * BLOCK] = data
+
+    edited = bytearray(base_ram[:BLOCK])
+    edited[100:120] = b"edited in guest RAM!"
+    put(0, edited)  # delta against the base's page
+    put(1, bytes(BLOCK))  # zero
+    put(2, base_ram[9 * BLOCK:10 * BLOCK])  # another page of the base's memory
+    put(4, base_disk[7 * BLOCK:8 * BLOCK])  # a block of the base's disk (page cache)
+    put(5, pattern_block("new"))  # a block the app wrote to its disk
+    put(6, pattern_block("new in RAM"))  # new data ...
+    put(8, pattern_block("new in RAM"))  # ... repeated: a copy of page 6
+    return bytes(ram)
+
+
+def build_memory(folder: Path) -> tuple[Path, Path]:
+    """Write base.vmem and app.vmem (snapshots with RAM_PAGES pages) into `folder`."""
+    folder = Path(folder)
+    out = []
+    base = base_ram()
+    for name, ram, state in (("base", base, b"base device state " * 20),
+                             ("app", app_ram(base, base_contents()),
+                              b"app device state, a little longer " * 20)):
+        ram_file = folder / f"{name}.ram"
+        ram_file.write_bytes(ram)
+        out.append(memory.write_vmem(folder / f"{name}.vmem", ram_file, MACHINE, state).path)
+        ram_file.unlink()
+    return out[0], out[1]
 
 
 def read_key_file() -> bytes:
@@ -166,33 +219,53 @@ def key_for(kind: str, file_id: bytes = FILE_ID) -> Key:
 
 
 def _create(base_path: Path, app_path: Path, key: Key | None = None,
-            frame_data: int | None = None) -> tuple[bytes, dict]:
-    """An overlay of app over base (several small frames with `frame_data`), and its info."""
+            frame_data: int | None = None,
+            memory_paths: tuple[Path, Path] | None = None) -> tuple[bytes, dict]:
+    """An overlay of app over base (several small frames with `frame_data`; with
+    `memory_paths`, the app's memory snapshot against the base's too), and its info."""
     original = create_mod.manifest
 
     def pinned(*args, **kwargs) -> dict:
         return original(*args, **kwargs) | {"created_by": CREATED_BY}
 
-    base = open_base(base_path)
+    base = open_base(base_path, memory_paths[0] if memory_paths else None)
     disk = Qcow2Image(app_path)
+    snapshot = memory.open_vmem(memory_paths[1]) if memory_paths else None
     try:
         out = io.BytesIO()
         with mock.patch.object(create_mod, "manifest", pinned), \
                 mock.patch.object(create_mod, "FRAME_DATA", frame_data or create_mod.FRAME_DATA):
-            report = create_mod.create(base, disk, out, level=3, key=key)
+            report = create_mod.create(base, disk, out, level=3, key=key, memory=snapshot)
         app_sha = hashlib.sha256(disk.read(0, disk.virtual_size)).hexdigest()
     finally:
+        if snapshot is not None:
+            snapshot.close()
         disk.close()
         base.close()
     info = {"outcome": "ok", "result_digest": report.summary["result_digest"],
             "disk_sha256": "sha256:" + app_sha, "virtual_size": APP_SIZE,
             "blocks": report.summary["blocks"]}
+    if memory_paths:
+        info["memory"] = {"digest": memory.read_vmem(memory_paths[1]).digest,
+                          "blocks": report.summary["memory_blocks"]}
     return out.getvalue(), info
 
 
 def make_good(folder: Path) -> tuple[bytes, dict]:
     base_path, app_path = build_images(folder)
     return _create(base_path, app_path)
+
+
+def make_memory(folder: Path) -> tuple[dict[str, bytes], dict]:
+    """mem-good.vmo (disk and memory, format 1.1) and its one damaged variant."""
+    good, info = _create(folder / "base.qcow2", folder / "app.qcow2",
+                         memory_paths=build_memory(folder))
+    pos = _header_length(good)
+    while good[pos + 4] != 1:  # the frame header's stream byte: find the first memory frame
+        pos += FRAME_HEAD_SIZE + FRAME.unpack_from(good, pos)[6]
+    bad = bytearray(good)
+    bad[pos + FRAME_HEAD_SIZE + FRAME.unpack_from(good, pos)[6] // 2] ^= 0x10  # its payload
+    return {"mem-good.vmo": good, "mem-bad-memory-frame.vmo": bytes(bad)}, info
 
 
 def _header_length(data: bytes) -> int:
@@ -347,6 +420,7 @@ def generate(outdir: Path) -> dict:
         os.environ["VMSYNTH_HOME"] = str(Path(scratch) / "home")  # never touch a real cache
         try:
             good, info = make_good(Path(scratch))
+            with_memory, memory_info = make_memory(Path(scratch))
             encrypted, enc_infos = make_encrypted(Path(scratch) / "base.qcow2",
                                                   Path(scratch) / "app.qcow2")
         finally:
@@ -354,13 +428,14 @@ def generate(outdir: Path) -> dict:
                 os.environ.pop("VMSYNTH_HOME", None)
             else:
                 os.environ["VMSYNTH_HOME"] = saved_home
-    files = {"good.vmo": good} | damaged(good)
+    files = {"good.vmo": good} | damaged(good) | with_memory
     assert set(files) == set(EXPECTED)
     assert set(encrypted) == set(EXPECTED_ENCRYPTED)
     vectors = {}
     for name in sorted(files):
         expected = EXPECTED[name]
-        vectors[name] = info if expected is None else {
+        vectors[name] = (memory_info if name.startswith("mem-") else info) \
+            if expected is None else {
             "outcome": "error", "error": expected[0], "exit_code": expected[1]}
     for name in sorted(encrypted):
         vectors[name] = encrypted_entry(name, enc_infos)
@@ -375,7 +450,8 @@ def generate(outdir: Path) -> dict:
                  "key (a key file in this folder, or a passphrase) and with_key is the "
                  "outcome for a reader given it",
         "base": {"name": BASE_NAME, "version": BASE_VERSION, "virtual_size": BASE_SIZE,
-                 "recipe": "make_vectors.build_images"},
+                 "recipe": "make_vectors.build_images",
+                 "memory_recipe": "make_vectors.build_memory (for the mem-*.vmo)"},
         "key_file": {"name": KEY_FILE,
                      "sha256": "sha256:" + hashlib.sha256(read_key_file()).hexdigest()},
         "vectors": vectors,
