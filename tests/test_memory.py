@@ -411,3 +411,18 @@ def test_any_page_edits_rebuild_exactly(h, small_pair, tmp_path_factory, edits, 
     assert result.memory is not None
     assert contents(result.memory.path) == bytes(app) + h.det_bytes("as", state)
     assert result.memory.digest == app_vmem.digest
+
+
+def test_a_kvm_host_cpu_snapshot_is_not_resumed_under_tcg(h, small_pair, tmp_path):
+    from vmsynth.accel import Accel
+    from vmsynth.vm import BootOptions, Machine
+
+    machine = replace(MACHINE, cpu="host", qemu_version=memory.qemu_version())
+    vmem = write_snapshot(h, tmp_path / "kvm.vmem", bytes(RAM), b"state", machine)
+    m = Machine(BootOptions(disk=small_pair.app_path, accel=Accel("tcg", "test"), resume=vmem))
+    try:
+        with pytest.raises(SnapshotError, match="under KVM"):
+            m.start()
+        assert m.proc is None  # refused before QEMU was started
+    finally:
+        m.stop(grace=0)

@@ -143,6 +143,10 @@ class Machine:
                 raise BadInputError(f"{what} {path}: no such file")
         if o.resume is not None:
             memory.check_resumable(o.resume)
+            if o.resume.machine.cpu == "host" and o.accel.name != "kvm":
+                raise SnapshotError(f"{o.resume.path} was taken under KVM with the host's own "
+                                    f"CPU model, which {o.accel.name.upper()} cannot provide",
+                                    hint="resume it under KVM on the same kind of CPU")
             if o.resume.machine.kernel_boot and o.kernel is None:
                 raise SnapshotError(f"{o.resume.path} is of a VM booted with --kernel: QEMU "
                                     "needs the same kernel option to resume it",
