@@ -31,8 +31,9 @@ from typing import Any
 
 from vmsynth.formats.container import canonical_json
 
-from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
+from .blocks import BLOCK, CHUNK, ZERO_BLOCK, ZERO_CHUNK, is_zero
 from .errors import BadInputError, CorruptOverlayError, SnapshotError
+from .hashing import BackgroundHash
 from .qmp import QMP, QMPError
 from .store import atomic_path, write_error
 
@@ -214,7 +215,7 @@ class VmemBuilder:
         self.path, self.base, self.machine, self.size = path, base, machine, size
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.pos = 0
-        self.sha = hashlib.sha256()
+        self.sha = BackgroundHash()  # the contents digest, beside the writes
 
     def _put(self, offset: int, data: bytes) -> None:
         self.sha.update(data)
@@ -235,7 +236,7 @@ class VmemBuilder:
     def zero(self, offset: int, length: int) -> None:
         self._fill(offset)
         for pos in range(offset, offset + length, CHUNK):
-            self.sha.update(bytes(min(CHUNK, offset + length - pos)))
+            self.sha.update(ZERO_CHUNK[:min(CHUNK, offset + length - pos)])
         self.pos = offset + length
 
     def read_result(self, offset: int, length: int) -> bytes:
@@ -254,6 +255,7 @@ class VmemBuilder:
         return read_vmem(self.path)
 
     def close(self) -> None:
+        self.sha.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import zstandard
 
@@ -24,6 +24,7 @@ from vmsynth.formats.seal import Sealer
 from .bases import Identity, MemoryIdentity
 from .blocks import BLOCK, CHUNK
 from .errors import CorruptOverlayError, UnsupportedFormatError
+from .hashing import BackgroundHash
 from .memory import MachineInfo
 
 WORKERS = 2
@@ -285,61 +286,24 @@ def _replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] |
     if not rebuild:
         open_summary(overlay.footer, sealer)  # sealed: authenticates the frame count
         return ReplayReport(frames, records, changed, None)
-    return ReplayReport(frames, records, changed, "sha256:" + digests.hexdigest())
+    return ReplayReport(frames, records, changed, "sha256:" + digests.total_hexdigest())
 
 
-def _feed(h: Any, pieces: list[bytes]) -> None:
-    for piece in pieces:
-        h.update(piece)
-
-
-class _ResultDigest:
-    """The result digest (SPEC.md section 5), computed on a worker thread.
-
-    hashlib releases the GIL on large buffers, so hashing the rebuilt bytes runs beside the
-    main thread's writes. One worker takes batches in order; a bounded number in flight
-    keeps memory small whatever a record declares.
-    """
-
-    BATCH = 4 << 20
-    IN_FLIGHT = 8
+class _ResultDigest(BackgroundHash):
+    """The result digest (SPEC.md section 5): the SHA-256 of the frames' own digests,
+    each over its records and the bytes they define, hashed beside the rebuild's writes."""
 
     def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vmsynth-digest")
-        self.pending: deque[Future] = deque()
+        super().__init__()
         self.total = hashlib.sha256()
-        self.frame = hashlib.sha256()
-        self.batch: list[bytes] = []
-        self.size = 0
 
     def begin_frame(self) -> None:
-        self.frame = hashlib.sha256()
-
-    def update(self, data: bytes) -> None:
-        self.batch.append(data)
-        self.size += len(data)
-        if self.size >= self.BATCH:
-            self._submit()
-
-    def _submit(self, *then: Callable[[], None]) -> None:
-        batch, frame = self.batch, self.frame
-        self.batch, self.size = [], 0
-        self.pending.append(self.pool.submit(_feed, frame, batch))
-        for job in then:
-            self.pending.append(self.pool.submit(job))
-        while len(self.pending) > self.IN_FLIGHT:
-            self.pending.popleft().result()
+        self.switch(hashlib.sha256())
 
     def end_frame(self) -> None:
-        frame, total = self.frame, self.total
-        self._submit(lambda: total.update(frame.digest()))
+        frame, total = self.current, self.total
+        self.then(lambda: total.update(frame.digest()))
 
-    def hexdigest(self) -> str:
-        while self.pending:
-            self.pending.popleft().result()
+    def total_hexdigest(self) -> str:
+        self.wait()
         return self.total.hexdigest()
-
-    def close(self) -> None:
-        for fut in self.pending:
-            fut.cancel()
-        self.pool.shutdown(wait=True)
