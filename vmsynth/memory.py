@@ -262,10 +262,13 @@ class VmemBuilder:
 
 
 def digest_contents(image: VmemImage) -> str:
-    sha = hashlib.sha256()
-    for pos in range(0, image.virtual_size, CHUNK):
-        sha.update(image.read(pos, min(CHUNK, image.virtual_size - pos)))
-    return "sha256:" + sha.hexdigest()
+    sha = BackgroundHash()  # reading and hashing overlap
+    try:
+        for pos in range(0, image.virtual_size, CHUNK):
+            sha.update(image.read(pos, min(CHUNK, image.virtual_size - pos)))
+        return "sha256:" + sha.hexdigest()
+    finally:
+        sha.close()
 
 
 def check(vmem: Vmem) -> None:
