@@ -108,11 +108,10 @@ def atomic_path(final: Path, private: bool = False) -> Iterator[Path]:
 
 
 def write_atomic(final: Path, data: bytes) -> None:
-    with atomic_path(final) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def scratch_dir(kind: str) -> Path:
