@@ -66,6 +66,16 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done; they are delivered when it ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _machine(disk: Path, opts: dict[str, Any], as_json: bool, resume: Vmem | None = None
              ) -> Machine:
     require_qemu()  # before the accelerator notice: the one error line says what to install
@@ -211,9 +221,11 @@ def run(overlay: str, base_spec: str, keep: bool, as_json: bool, **opts: Any) ->
     deleted, so nothing of the user remains, unless --keep is given.
     """
     started = time.monotonic()
-    sess = session.new()
-    try:
-        with _sigterm_as_interrupt():
+    sess = None
+    with _sigterm_as_interrupt():
+        try:
+            with _signals_deferred():  # a session exists only inside the try that removes it
+                sess = session.new()
             with open_base(base_spec, as_json) as base, open_input(overlay) as source:
                 total, done = file_size(overlay, source), 0
                 with console.progress("rebuilding", total, enabled=not as_json) as update:
@@ -228,12 +240,14 @@ def run(overlay: str, base_spec: str, keep: bool, as_json: bool, **opts: Any) ->
             machine = _machine(sess.disk, opts, as_json, report.memory)
             _run_machine(machine, as_json, {"session": sess.id,
                                             "synthesis_seconds": round(synthesized, 3)})
-    finally:
-        if keep:
-            if not as_json:
-                console.err.print(f"kept the session: {sess.dir}")
-        else:
-            session.destroy(sess)
+        finally:
+            # The scrub must finish: a Ctrl-C or SIGTERM now takes effect right after it.
+            with _signals_deferred():
+                if sess is not None and keep:
+                    if not as_json:
+                        console.err.print(f"kept the session: {sess.dir}")
+                elif sess is not None:
+                    session.destroy(sess)
 
 
 @click.command("check", epilog="""\b

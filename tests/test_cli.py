@@ -681,3 +681,30 @@ def test_installed_command_errors(ctx, h, which):
     assert "Traceback" not in p.stderr
     assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
     assert json.loads(p.stdout)["error"]["exit_code"] == want
+
+
+def test_a_signal_during_the_session_scrub_waits_for_it(cli, small_pair, tmp_path,
+                                                        vmsynth_home, monkeypatch):
+    """SIGTERM while `run` scrubs its session: the scrub finishes, then the signal ends the
+    command (exit 130); no file of the user's session is left."""
+    import signal as signals
+
+    from vmsynth import session
+
+    scrubbed: list[str] = []
+    real_scrub = session.scrub_file
+
+    def scrub_and_get_signalled(path):
+        if not scrubbed:
+            os.kill(os.getpid(), signals.SIGTERM)  # arrives mid-scrub
+        real_scrub(path)
+        scrubbed.append(path.name)
+
+    monkeypatch.setattr(session, "scrub_file", scrub_and_get_signalled)
+    overlay = tmp_path / "app.vmo"
+    overlay.write_bytes(small_pair.multi)
+    r = cli("run", overlay, "--base", small_pair.base_path, "--kernel", tmp_path / "no-kernel",
+            "--vnc", "none", "--accel", "tcg")
+    assert r.code == 130, r.err
+    assert "disk.qcow2" in scrubbed
+    assert list((vmsynth_home / "sessions").iterdir()) == []
