@@ -17,6 +17,7 @@ ram_size + state bytes are the snapshot's *contents*: what an overlay diffs and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -286,6 +287,7 @@ def check(vmem: Vmem) -> None:
 # -- taking a snapshot ---------------------------------------------------------------------
 
 
+@functools.cache  # one QEMU per process: asking once is enough
 def qemu_version() -> str:
     """This host's QEMU version (major.minor.micro), as a resumed snapshot must match it."""
     try:
