@@ -234,8 +234,10 @@ def run(overlay: str, base_spec: str, keep: bool, as_json: bool, **opts: Any) ->
                         done += n
                         update(done, max(total, done))
 
+                    # Not synced to disk: a session never outlives its VM (after a crash
+                    # it is scrubbed, not resumed), and a sync would delay the VM's start.
                     report = apply(source, base, sess.disk, progress=advance,
-                                   memory_output=sess.memory)
+                                   memory_output=sess.memory, durable=False)
             synthesized = time.monotonic() - started
             machine = _machine(sess.disk, opts, as_json, report.memory)
             _run_machine(machine, as_json, {"session": sess.id,

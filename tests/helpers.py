@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -416,3 +417,16 @@ class Result:
 
     def json(self):
         return json.loads(self.out)
+
+
+def dead_pid() -> int:
+    """A PID that no process has right now."""
+    top = int(Path("/proc/sys/kernel/pid_max").read_text())
+    for pid in range(top - 1, 300, -1):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            continue
+    raise AssertionError("every PID is in use")

@@ -708,3 +708,23 @@ def test_a_signal_during_the_session_scrub_waits_for_it(cli, small_pair, tmp_pat
     assert r.code == 130, r.err
     assert "disk.qcow2" in scrubbed
     assert list((vmsynth_home / "sessions").iterdir()) == []
+
+
+def test_a_dead_processs_session_is_scrubbed_by_the_next_run(h, vmsynth_home):
+    """A vmsynth killed with -9 cannot scrub its session; the next one does."""
+    from vmsynth import session
+
+    dead = h.dead_pid()
+    stale = vmsynth_home / "sessions" / f"{dead}-0123456789ab"
+    stale.mkdir(parents=True)
+    (stale / "disk.qcow2").write_bytes(b"user data" * 1000)
+    live = vmsynth_home / "sessions" / f"{os.getpid()}-ba9876543210"
+    live.mkdir()
+    sess = session.new()
+    try:
+        assert not stale.exists()
+        assert live.is_dir(), "a live process's session is not touched"
+        assert sess.id.startswith(f"{os.getpid()}-")
+    finally:
+        session.destroy(sess)
+        session.destroy(session.Session(live.name, live))

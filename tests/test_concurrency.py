@@ -9,7 +9,6 @@ depends on timing.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -282,18 +281,6 @@ def test_the_cache_entry_is_never_torn(small_pair, h, tmp_path, vmsynth_home):
 
 # ------------------------------------------------------------------------------ neighbours in one folder
 
-def dead_pid() -> int:
-    top = int(Path("/proc/sys/kernel/pid_max").read_text())
-    for pid in range(top - 1, 300, -1):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except PermissionError:
-            continue
-    raise AssertionError("every PID is in use")
-
-
 @pytest.mark.parametrize("suffix", ["dead-pid", "date"])
 def test_an_apply_does_not_disturb_one_to_a_longer_name(cached, small_pair, h, tmp_path,
                                                         suffix):
@@ -302,7 +289,7 @@ def test_an_apply_does_not_disturb_one_to_a_longer_name(cached, small_pair, h, t
     first, cleaning up after dead processes, must not take N for a PID: with N a PID that is
     not running it deletes the second's file in mid-write (which then fails), with N too big
     for a PID it crashes."""
-    n = str(dead_pid()) if suffix == "dead-pid" else "20241127093000"
+    n = str(h.dead_pid()) if suffix == "dead-pid" else "20241127093000"
     long = HeldApply(h, small_pair.multi, "conc@1", cached / f"disk.qcow2.{n}")
     long.wait_until_writing()
     vmo = tmp_path / "app.vmo"

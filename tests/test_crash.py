@@ -278,26 +278,13 @@ def test_apply_killed_while_reading_its_input(big, h, tmp_path, where):
     assert file_sha(big.base) == big.base_sha
 
 
-def dead_pid() -> int:
-    """A PID that no process has right now."""
-    top = int(Path("/proc/sys/kernel/pid_max").read_text())
-    for pid in range(top - 1, 300, -1):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except PermissionError:
-            continue
-    raise AssertionError("every PID is in use")
-
-
 def test_leftovers_of_a_live_process_are_kept(big, h, tmp_path):
     """Only dead processes' leftovers are removed: a temporary file named with a live PID
     (here: this test's own) belongs to a run still in progress."""
     out = tmp_path / "synth.qcow2"
     mine = tmp_path / f".synth.qcow2.{os.getpid()}.inprogress.tmp"
     mine.write_bytes(b"partial")
-    dead = tmp_path / f".synth.qcow2.{dead_pid()}.gone.tmp"
+    dead = tmp_path / f".synth.qcow2.{h.dead_pid()}.gone.tmp"
     dead.write_bytes(b"stale")
     run_full(h.VMSYNTH, "apply", big.overlay, "--base", big.base, "-o", out)
     assert mine.read_bytes() == b"partial"

@@ -122,7 +122,8 @@ class ApplyReport:
 
 def rebuild(overlay: OverlayStream, base: Base, child: Path, sealer: Sealer | None = None,
             progress: Callable[[int], None] | None = None, whole_sectors: bool = False,
-            memory_out: Path | None = None) -> tuple[ReplayReport, Vmem | None]:
+            memory_out: Path | None = None, durable: bool = True
+            ) -> tuple[ReplayReport, Vmem | None]:
     """Write the overlay's disk to `child`, a qcow2 whose backing file is the base, and its
     memory snapshot (if it has one) to `memory_out`.
 
@@ -132,7 +133,7 @@ def rebuild(overlay: OverlayStream, base: Base, child: Path, sealer: Sealer | No
     manifest = read_manifest(overlay.header.manifest)
     base.check_matches(manifest.base)
     size = -(-manifest.virtual_size // 512) * 512 if whole_sectors else manifest.virtual_size
-    writer = Qcow2Writer(child, size, backing=str(base.path))
+    writer = Qcow2Writer(child, size, backing=str(base.path), durable=durable)
     builder = None
     try:
         sinks: dict = {0: ClusterSink(writer, base.image.read, base.identity.virtual_size)}
@@ -142,7 +143,7 @@ def rebuild(overlay: OverlayStream, base: Base, child: Path, sealer: Sealer | No
             if memory_out is None:
                 raise UsageError("this overlay holds a memory snapshot: say where to write it")
             builder = VmemBuilder(memory_out, base.memory.image, manifest.memory.machine,
-                                  manifest.memory.virtual_size)
+                                  manifest.memory.virtual_size, durable)
             sinks[1], reads[1] = builder, base.memory.image.read
         report = replay(overlay, manifest, reads, sinks, progress, sealer)
         sinks[0].flush()
@@ -163,11 +164,13 @@ def memory_path_for(output: Path) -> Path:
 
 def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
           progress: Callable[[int], None] | None = None, key: Key | None = None,
-          memory_output: Path | None = None) -> ApplyReport:
+          memory_output: Path | None = None, durable: bool = True) -> ApplyReport:
     """Rebuild the overlay read from `source` on `base` into `output` (temp name, then rename),
     and its memory snapshot, if any, into `memory_output` (default: OUTPUT's name, .vmem).
 
     An encrypted overlay needs its `key`; its decrypted result is readable by its owner only.
+    `durable=False` skips syncing the results to disk: for a session that is thrown away
+    after its VM ends, where the sync would only delay the VM's start.
     """
     overlay = OverlayStream(source)
     manifest = read_manifest(overlay.header.manifest)
@@ -188,11 +191,12 @@ def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
     sealer = sealer_for(overlay.header, key)
     private = sealer is not None
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_path(output, private=private))
-        mem_tmp = stack.enter_context(atomic_path(memory_out, private=True)) \
+        tmp = stack.enter_context(atomic_path(output, private=private, durable=durable))
+        mem_tmp = stack.enter_context(atomic_path(memory_out, private=True, durable=durable)) \
             if memory_out is not None else None
         if not flatten:
-            report, vmem = rebuild(overlay, base, tmp, sealer, progress, memory_out=mem_tmp)
+            report, vmem = rebuild(overlay, base, tmp, sealer, progress, memory_out=mem_tmp,
+                                   durable=durable)
         else:
             # Named like atomic_path's temporaries, so a killed run's leftover is cleaned too.
             fd, child_name = tempfile.mkstemp(prefix=f".{output.name}.{os.getpid()}.",

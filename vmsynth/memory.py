@@ -212,8 +212,10 @@ class VmemBuilder:
     and its contents digest is computed on the way. Zero chunks become holes.
     """
 
-    def __init__(self, path: Path, base: VmemImage, machine: MachineInfo, size: int) -> None:
+    def __init__(self, path: Path, base: VmemImage, machine: MachineInfo, size: int,
+                 durable: bool = True) -> None:
         self.path, self.base, self.machine, self.size = path, base, machine, size
+        self.durable = durable
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.pos = 0
         self.sha = BackgroundHash()  # the contents digest, beside the writes
@@ -251,7 +253,8 @@ class VmemBuilder:
         os.ftruncate(self.fd, self.size)
         os.pwrite(self.fd, raw + TRAILER.pack(MAGIC, self.size, len(raw),
                                               hashlib.sha256(raw).digest()), self.size)
-        os.fsync(self.fd)
+        if self.durable:
+            os.fsync(self.fd)
         self.close()
         return read_vmem(self.path)
 

@@ -314,6 +314,7 @@ class Qcow2Writer:
     backing: str | None = None
     backing_format: str = "qcow2"
     cluster_bits: int = 16
+    durable: bool = True  # fsync at the end (False: a throw-away session's disk)
 
     def __post_init__(self) -> None:
         self.cluster_size = 1 << self.cluster_bits
@@ -379,7 +380,8 @@ class Qcow2Writer:
         f.seek(0)
         f.write(self._header(l1_size, l1_offset, table_offset, table_clusters))
         f.flush()
-        os.fsync(f.fileno())
+        if self.durable:
+            os.fsync(f.fileno())
         f.close()
 
     def _header(self, l1_size: int, l1_offset: int, rc_offset: int, rc_clusters: int) -> bytes:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import bases
+from .store import pid_alive
 
 SCRUB_CHUNK = 1 << 20
 
@@ -32,12 +34,21 @@ class Session:
         return self.dir / "memory.vmem"
 
 
+_SESSION = re.compile(r"(\d{1,10})-[0-9a-f]{12}")
+
+
 def new() -> Session:
-    sid = secrets.token_hex(6)
-    folder = bases.home() / "sessions" / sid
-    folder.mkdir(parents=True, mode=0o700)
-    os.chmod(folder, 0o700)  # the user's data: nobody else reads it while the VM runs
-    return Session(sid, folder)
+    """A new session, named with our PID; sessions of dead processes are scrubbed first
+    (a vmsynth killed with -9, or a host that crashed, could not scrub its own)."""
+    folder = bases.home() / "sessions"
+    for old in folder.glob("*") if folder.is_dir() else []:
+        match = _SESSION.fullmatch(old.name)
+        if match and old.is_dir() and not pid_alive(int(match.group(1))):
+            destroy(Session(old.name, old))
+    sid = f"{os.getpid()}-{secrets.token_hex(6)}"
+    (folder / sid).mkdir(parents=True, mode=0o700)
+    os.chmod(folder / sid, 0o700)  # the user's data: nobody else reads it while the VM runs
+    return Session(sid, folder / sid)
 
 
 def _data_extents(fd: int) -> list[tuple[int, int]]:

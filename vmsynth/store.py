@@ -38,7 +38,7 @@ def _umask() -> int:
     return 0o022
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):
@@ -60,7 +60,7 @@ def remove_stale_temps(final: Path) -> None:
     prefix = f".{final.name}."
     for leftover in final.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         match = _TEMP_TAIL.fullmatch(leftover.name[len(prefix):])
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             leftover.unlink(missing_ok=True)
 
 
@@ -78,10 +78,11 @@ def _sync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path, private: bool = False) -> Iterator[Path]:
+def atomic_path(final: Path, private: bool = False, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
 
-    `private` keeps the result readable by its owner only (decrypted user data).
+    `private` keeps the result readable by its owner only (decrypted user data); `durable`
+    syncs the directory after the rename (the caller syncs the file itself).
     """
     final = Path(final)
     folder = final.parent
@@ -98,7 +99,8 @@ def atomic_path(final: Path, private: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
-        _sync_dir(folder)
+        if durable:
+            _sync_dir(folder)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise write_error(final, err) from err
@@ -124,6 +126,6 @@ def scratch_dir(kind: str) -> Path:
     pattern = re.compile(rf"vmsynth-{re.escape(kind)}-(\d{{1,10}})-[A-Za-z0-9_]+")
     for old in parent.glob(f"vmsynth-{kind}-*"):
         match = pattern.fullmatch(old.name)
-        if match and old.is_dir() and not _alive(int(match.group(1))):
+        if match and old.is_dir() and not pid_alive(int(match.group(1))):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"vmsynth-{kind}-{os.getpid()}-"))
