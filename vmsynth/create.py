@@ -38,13 +38,15 @@ Read = Callable[[int, int], bytes]
 KINDS = ("data", "delta", "zero", "base", "copy", "disk", "disk_copy")
 
 FRAME_DATA = 4 << 20  # new data per frame: 4 MiB frames are ~4% smaller than 1 MiB ones on a
-# real Debian pair at the same speed (a wider window); larger ones cost memory at level 19
+# real Debian pair at the same speed (a wider window) ...
+HIGH_LEVEL = 10  # ... but from this level on, zstd's tables for a 4 MiB input take ~100 MB
+HIGH_LEVEL_FRAME_DATA = 1 << 20  # per worker: 1 MiB frames keep create's peak under 300 MB
 FRAME_COVER = 8 << 20  # bytes a frame may describe, so references stay cheap to verify
 FRAME_RECORDS = 16384
 SELF_INDEX_LIMIT = 500_000  # blocks remembered for dedupe within one overlay (~50 MB at most)
 DELTA_KEEP = 4  # keep a delta only if it is under a quarter of the block
 WORKERS = 2
-LOOKAHEAD = 4  # frames in flight: bounds memory
+LOOKAHEAD = 2  # frames queued beyond the workers': bounds memory (4 MiB frames)
 
 
 @dataclass
@@ -110,6 +112,8 @@ class _FrameQueue:
     def __init__(self, writer: OverlayWriter, level: int, sealer: Sealer | None) -> None:
         self.writer = writer
         self.level = level
+        self.frame_data = min(FRAME_DATA, HIGH_LEVEL_FRAME_DATA) if level >= HIGH_LEVEL \
+            else FRAME_DATA
         self.sealer = sealer
         self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="vmsynth-compress")
         self.pending: deque[Future] = deque()
@@ -135,7 +139,7 @@ class _FrameQueue:
             self.data_bytes += item.length
         if item.kind is not Kind.ZERO:
             self.cover_bytes += item.length
-        if self.data_bytes >= FRAME_DATA or self.cover_bytes >= FRAME_COVER or \
+        if self.data_bytes >= self.frame_data or self.cover_bytes >= FRAME_COVER or \
                 len(self.items) >= FRAME_RECORDS:
             self.flush()
 

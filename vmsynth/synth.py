@@ -28,7 +28,7 @@ from .hashing import BackgroundHash
 from .memory import MachineInfo
 
 WORKERS = 2
-LOOKAHEAD = 4
+LOOKAHEAD = 2  # decoded frames waiting: bounds memory (frames hold up to 4 MiB)
 
 
 MAX_DISK = 1 << 48  # 256 TiB: beyond any real disk, and what a qcow2 writer can index cheaply
