@@ -74,8 +74,18 @@ test-fast: setup  ## the tests that need no external tool
 fuzz: setup  ## long mutation fuzzing: FUZZ examples per mutation family (default 2000, ~15 min)
 	VMSYNTH_FUZZ_EXAMPLES=$(or $(FUZZ),2000) $(PY) -m pytest tests/test_fuzz.py -q -s
 
-bench: setup  ## disk benchmark vs xdelta3 and zstd --patch-from; writes BENCHMARKS.md
-	$(PY) bench/disk_bench.py
+# BENCH picks the benchmarks (all by default, ~2-3 h as root); each writes its JSON and
+# report under bench/, then bench/report.py assembles BENCHMARKS.md.
+BENCH ?= disk debian memory e2e
+bench: setup  ## benchmarks vs xdelta3, zstd, qcow2 (BENCH="disk debian memory e2e"); BENCHMARKS.md
+	@set -e; for b in $(BENCH); do case $$b in \
+		disk) $(PY) bench/disk_bench.py ;; \
+		debian) $(PY) bench/disk_bench.py --workload debian ;; \
+		memory) $(PY) bench/memory_bench.py ;; \
+		e2e) $(PY) bench/e2e_bench.py --debian ;; \
+		*) echo "unknown benchmark $$b (disk, debian, memory, e2e)"; exit 2 ;; \
+	esac; done
+	$(PY) bench/report.py
 
 # A CI gate: fails (exit 11) when an overlay is over budget, 13 when it is damaged.
 #   make budget OVERLAY=app.vmo MAX=250M [BASE=ubuntu-22.04@2.3.1]

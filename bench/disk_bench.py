@@ -10,6 +10,9 @@ subprocess (wall time, and peak RSS from os.wait4 on exactly that child), checks
 rebuilt disk is identical to the original, and writes bench/results.json and BENCHMARKS.md
 (with --quick: a small workload, bench/results-quick.json, and BENCHMARKS.md is left alone).
 
+With --workload debian it measures the real Debian 12 pair of bench/debian_guest.py instead
+and writes bench/results-debian.json and bench/DISK-DEBIAN.md (never BENCHMARKS.md).
+
 Needs root (mount), qemu-utils, xdelta3, zstd, e2fsprogs and /dev/fuse. See bench/README.md.
 """
 
@@ -75,6 +78,22 @@ FULL = Scale("full", 2 * GiB, 1 * GiB, 48 * MiB, 200 * MiB, 64 * MiB, 3000, 400,
              64 * MiB, 32 * MiB, 4 * MiB)
 QUICK = Scale("quick", 256 * MiB, 128 * MiB, 8 * MiB, 25 * MiB, 8 * MiB, 400, 50, 6 * MiB,
               8 * MiB, 4 * MiB, 1 * MiB)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `benchmark` runs: the synthetic workload uses the defaults (unchanged)."""
+    parts: int = 2  # zstd: each raw image cut into this many pieces (each piece <= 1 GiB)
+    slow: bool = True  # vmsynth --level 19, xdelta3 and zstd -19 (off: a Debian smoke run)
+    qemu_apply: bool = False  # also measure an apply step for the qemu-img child (Debian)
+
+
+SYNTHETIC_PLAN = Plan()
+PART_WORDS = {2: "two halves", 3: "three parts", 4: "four parts"}
+
+
+def parts_key(parts: int) -> str:
+    return "halves" if parts == 2 else "parts"
 
 
 def log(msg: str) -> None:
@@ -404,8 +423,15 @@ def workload(work: Path, scale: Scale, force: bool) -> dict:
         log(f"reusing the cached workload in {work} (built {info['built_at']})")
         info["cached"] = True
         return info
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--_build", str(work), "--_scale",
-                             scale.name])
+    run_builder(["--_build", str(work), "--_scale", scale.name])
+    info = json.loads(stamp.read_text())
+    info["cached"] = False
+    return info
+
+
+def run_builder(args: list[str]) -> None:
+    """This script with `args` (a workload build) as a child process; waits for it."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args])
     try:
         proc.wait()
     except BaseException:  # let it unmount and stop its daemon: never SIGKILL it
@@ -414,9 +440,6 @@ def workload(work: Path, scale: Scale, force: bool) -> dict:
         raise
     if proc.returncode != 0:
         raise BenchError(f"building the workload failed (exit {proc.returncode})")
-    info = json.loads(stamp.read_text())
-    info["cached"] = False
-    return info
 
 
 def build_workload(work: Path, scale: Scale) -> dict:
@@ -477,20 +500,144 @@ def build_workload(work: Path, scale: Scale) -> dict:
     return info
 
 
-def split_halves(work: Path) -> list[tuple[Path, Path]]:
-    """base.raw and app.raw cut into two halves each (cached), for zstd's 2 GB limit."""
+def split_parts(work: Path, parts: int) -> list[tuple[Path, Path]]:
+    """base.raw and app.raw cut into `parts` equal pieces each (cached), for zstd's 2 GB
+    limit: piece i of app.raw is then patched against piece i of base.raw."""
     out = []
     size = (work / "base.raw").stat().st_size
-    half = size // 2
-    for i, (start, length) in enumerate(((0, half), (half, size - half))):
+    step = size // 2 if parts == 2 else size // parts // MiB * MiB
+    bounds = [(i * step, step if i < parts - 1 else size - i * step) for i in range(parts)]
+    for i, (start, length) in enumerate(bounds):
         pair = []
         for name in ("base", "app"):
-            dst = work / f"{name}.half{i}.raw"
+            dst = work / (f"{name}.half{i}.raw" if parts == 2 else f"{name}.part{i}of{parts}.raw")
             if not dst.exists() or dst.stat().st_mtime < (work / f"{name}.raw").stat().st_mtime:
                 copy_sparse(work / f"{name}.raw", dst, start, length)
             pair.append(dst)
         out.append((pair[0], pair[1]))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The Debian workload (--workload debian): the real guest pair of bench/debian_guest.py
+# ---------------------------------------------------------------------------------------------
+
+DEBIAN_PREP = 1  # bump when what build_debian_workload() makes changes: the cache is redone
+# Each raw image is cut into three 1 GiB parts for zstd (see zstd_peers and bench/README.md).
+DEBIAN_PLAN = Plan(parts=3, slow=True, qemu_apply=True)
+DEBIAN_QUICK_PLAN = Plan(parts=3, slow=False, qemu_apply=True)
+GUEST_LOCK_WAIT = 1200.0  # seconds to wait while another process holds debian_guest's lock
+
+
+def debian_pair(guest_dir: Path) -> dict:
+    """debian_guest.build(guest_dir): the cached pair (built first if missing)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import debian_guest  # only the Debian workload needs it
+
+    deadline = time.monotonic() + GUEST_LOCK_WAIT
+    while True:
+        try:
+            return debian_guest.build(guest_dir)
+        except debian_guest.GuestError as err:
+            if "another debian_guest.py" not in str(err) or time.monotonic() > deadline:
+                raise BenchError(f"the Debian guest pair: {err}") from None
+            log(f"waiting for the Debian pair: {err}")
+            time.sleep(15)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def build_debian_workload(work: Path, guest_dir: Path, force: bool) -> None:
+    """Copies of the Debian base.qcow2/app.qcow2 in `work` and their raw exports (cached).
+
+    Copies, not the originals: debian_guest.py may rebuild its pair while a benchmark runs,
+    and the raw exports must be of exactly the images measured. The copies are checked
+    against the sha256 sums in debian.json; app.qcow2's relative backing name base.qcow2
+    then names the copy next to it."""
+    pair = debian_pair(guest_dir)
+    source = {"prep": DEBIAN_PREP, "guest_workdir": pair["workdir"],
+              "guest_built_at": pair["built_at"], "base_sha256": pair["base"]["file_sha256"],
+              "app_sha256": pair["app"]["file_sha256"]}
+    stamp = work / "workload.json"
+    names = ("base.qcow2", "app.qcow2", "base.raw", "app.raw")
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads(stamp.read_text())
+        if not force and old.get("source") == source and all((work / n).exists() for n in names):
+            log(f"reusing the Debian disk workload in {work} (prepared {old['built_at']})")
+            return
+    log(f"preparing the Debian disk workload in {work} from {pair['workdir']} "
+        f"(pair built {pair['built_at']})")
+    started = time.monotonic()
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    for old_file in [*work.glob("*.raw"), *work.glob("*.qcow2"), *work.glob("*.tmp")]:
+        old_file.unlink()
+    for which in ("base", "app"):
+        tmp = work / f"{which}.qcow2.tmp"
+        shutil.copyfile(pair[f"{which}_qcow2"], tmp)
+        if sha256_of(tmp) != source[f"{which}_sha256"]:
+            tmp.unlink()
+            raise BenchError(f"{pair[f'{which}_qcow2']} is not the file debian.json describes "
+                             "(rebuilt meanwhile?); run again")
+        os.replace(tmp, work / f"{which}.qcow2")
+    app_info = json.loads(run("qemu-img", "info", "--output=json", work / "app.qcow2").stdout)
+    full = Path(app_info.get("full-backing-filename", ""))
+    if app_info.get("backing-filename") != "base.qcow2" or \
+            (work / full).resolve() != (work / "base.qcow2").resolve():
+        raise BenchError(f"app.qcow2's backing file is {app_info.get('backing-filename')!r} "
+                         f"({full}), expected base.qcow2 next to it")
+    log("  exporting both to raw (sparse) for the peers")
+    for which in ("base", "app"):
+        run("qemu-img", "convert", "-O", "raw", work / f"{which}.qcow2", work / f"{which}.raw")
+    base, app = pair["base"], pair["app"]
+    info = {
+        "workload": "debian",
+        "source": source,
+        "built_at": dt.datetime.now().isoformat(timespec="seconds"),
+        "disk_size": (work / "base.raw").stat().st_size,
+        "base": {"suite": base.get("suite"), "include": base.get("include"),
+                 "kernel_version": base.get("kernel_version"),
+                 "packages": len(base.get("packages", {})),
+                 "fs_used_bytes": base.get("fs_used_bytes"),
+                 "data_bytes": base.get("allocation", {}).get("data_bytes")},
+        "app": {"requested_packages": app.get("requested_packages"),
+                "new_packages": len(app.get("new_packages", {})),
+                "new_packages_installed_bytes": app.get("new_packages_installed_bytes"),
+                "fs_used_bytes_before": app.get("fs_used_bytes_before"),
+                "fs_used_bytes_after": app.get("fs_used_bytes_after"),
+                "fstrim": app.get("fstrim")},
+        **child_allocation(work / "app.qcow2"),
+        **count_changed_blocks(work / "base.raw", work / "app.raw"),
+        "base_qcow2_bytes": (work / "base.qcow2").stat().st_size,
+        "base_raw_allocated_bytes": allocated(work / "base.raw"),
+        "app_raw_allocated_bytes": allocated(work / "app.raw"),
+    }
+    info["build_seconds"] = round(time.monotonic() - started, 1)
+    stamp.write_text(json.dumps(info, indent=2))
+    log(f"  prepared in {info['build_seconds']} s: {mib(info['changed_bytes'])} MiB of 4 KiB "
+        f"blocks differ; the child holds {mib(info['child_data_bytes'])} MiB")
+
+
+def debian_workload(work: Path, guest_dir: Path, force: bool) -> dict:
+    """The prepared Debian workload in `work` (prepared in a child process, like the build
+    of the synthetic one, to keep this measuring process small)."""
+    stamp = work / "workload.json"
+    before = stamp.stat().st_mtime_ns if stamp.exists() else None
+    run_builder(["--workload", "debian", "--_build", str(work), "--_guest", str(guest_dir)]
+                + (["--rebuild"] if force else []))
+    info = json.loads(stamp.read_text())
+    info["cached"] = before is not None and stamp.stat().st_mtime_ns == before
+    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,6 +651,14 @@ class Run:
     rc: int
     timed_out: bool = False
     load1: float = 0.0  # 1-minute load average when the run started (the machine is shared)
+    # CPU time of the child and the descendants it waited for (ru_utime, ru_stime from the
+    # same wait4): steadier than wall time on a shared machine.
+    user_s: float = 0.0
+    sys_s: float = 0.0
+
+    @property
+    def cpu_s(self) -> float:
+        return round(self.user_s + self.sys_s, 3)
 
 
 def _fork_not_vfork() -> None:
@@ -548,7 +703,7 @@ def measure_once(cmd: list[str], logs: Path, label: str, env: dict, cwd: Path,
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: keep Popen from waiting
     return (Run(round(wall, 3), round(usage.ru_maxrss / 1024, 1), proc.returncode, timed_out,
-                load1),
+                load1, round(usage.ru_utime, 3), round(usage.ru_stime, 3)),
             out_path.read_text(errors="replace"))
 
 
@@ -569,9 +724,14 @@ class Measurement:
     def rss(self) -> float:
         return round(statistics.median(r.rss_mib for r in self.runs), 1)
 
+    @property
+    def cpu(self) -> float:
+        return round(statistics.median(r.cpu_s for r in self.runs), 3)
+
     def to_json(self) -> dict:
-        return {"wall_s_median": self.wall, "peak_rss_mib_median": self.rss, "ok": self.ok,
-                "runs": [asdict(r) for r in self.runs]}
+        return {"wall_s_median": self.wall, "peak_rss_mib_median": self.rss,
+                "cpu_s_median": self.cpu, "ok": self.ok,
+                "runs": [asdict(r) | {"cpu_s": r.cpu_s} for r in self.runs]}
 
 
 class Bench:
@@ -599,11 +759,13 @@ class Bench:
                     break
             total = Run(round(sum(p.wall for p in parts), 3), max(p.rss_mib for p in parts),
                         next((p.rc for p in parts if p.rc != 0), 0),
-                        any(p.timed_out for p in parts), parts[0].load1)
+                        any(p.timed_out for p in parts), parts[0].load1,
+                        round(sum(p.user_s for p in parts), 3),
+                        round(sum(p.sys_s for p in parts), 3))
             runs.append(total)
             status = "timed out" if total.timed_out else f"exit {total.rc}" if total.rc else "ok"
-            log(f"  {label} run {i + 1}: {total.wall:.2f} s, {total.rss_mib:.0f} MiB ({status}; "
-                f"load {total.load1})")
+            log(f"  {label} run {i + 1}: {total.wall:.2f} s, cpu {total.cpu_s:.2f} s, "
+                f"{total.rss_mib:.0f} MiB ({status}; load {total.load1})")
             if total.rc != 0:
                 if not allow_fail:
                     err = (self.logs / f"{label}.{i}.{len(parts) - 1}.stderr").read_text()
@@ -696,7 +858,8 @@ def profile_create(work: Path, out: Path, env: dict, level: int) -> str:
 # The benchmark
 # ---------------------------------------------------------------------------------------------
 
-def benchmark(work: Path, with_profile: bool, results: dict) -> dict:
+def benchmark(work: Path, with_profile: bool, results: dict,
+              plan: Plan = SYNTHETIC_PLAN) -> dict:
     """Run every measurement, adding to `results` as it goes (kept even if a step fails)."""
     out = work / "out"
     logs = work / "logs"
@@ -726,7 +889,8 @@ def benchmark(work: Path, with_profile: bool, results: dict) -> dict:
                                             "--json"]], before=fresh_home)
     results["vmsynth_base_scan"] = m.to_json()
 
-    for level in (3, 19):
+    levels = (3, 19) if plan.slow else (3,)
+    for level in levels:
         vmo = out / f"vmsynth-l{level}.vmo"
         log(f"vmsynth create --level {level}")
         m = bench.measure(f"vmsynth-create-l{level}",
@@ -764,6 +928,19 @@ def benchmark(work: Path, with_profile: bool, results: dict) -> dict:
 
     # -- xdelta3 ------------------------------------------------------------------------------
     vcdiff, result_raw = out / "xdelta3.vcdiff", out / "result.raw"
+    if plan.slow:
+        xdelta3(bench, results, base_r, app_r, vcdiff, result_raw)
+
+    # -- zstd --patch-from: whole images, then halves (or more parts) --------------------------
+    zstd_peers(bench, results, work, plan, levels, base_r, app_r, result_raw)
+
+    # -- qemu-img's own compressed child --------------------------------------------------------
+    qemu_child(bench, results, out, base_q, app_q, plan)
+    return results
+
+
+def xdelta3(bench: Bench, results: dict, base_r: Path, app_r: Path, vcdiff: Path,
+            result_raw: Path) -> None:
     log("xdelta3 -e -9")
     m = bench.measure("xdelta3-encode", [["xdelta3", "-e", "-9", "-f", "-s", str(base_r),
                                           str(app_r), str(vcdiff)]])
@@ -776,8 +953,11 @@ def benchmark(work: Path, with_profile: bool, results: dict) -> dict:
     results["xdelta3_decode"] = m.to_json() | {"identical": True}
     result_raw.unlink(missing_ok=True)
 
-    # -- zstd --patch-from: whole images, then halves --------------------------------------------
-    for level in (3, 19):
+
+def zstd_peers(bench: Bench, results: dict, work: Path, plan: Plan, levels: tuple[int, ...],
+               base_r: Path, app_r: Path, result_raw: Path) -> None:
+    out, logs = work / "out", work / "logs"
+    for level in levels:
         patch = out / f"zstd-l{level}.zst"
         log(f"zstd -{level} --long=31 --patch-from (whole image)")
         m = bench.measure(f"zstd-l{level}-encode",
@@ -798,20 +978,27 @@ def benchmark(work: Path, with_profile: bool, results: dict) -> dict:
             results[f"zstd_l{level}_decode"] = m.to_json() | {"identical": True}
             result_raw.unlink(missing_ok=True)
 
-    log("cutting the raw images in two halves for zstd (not timed)")
-    halves = split_halves(work)
-    results["split"] = {"how": "base.raw and app.raw each cut at the middle into two files; "
-                               "app half i is patched against base half i",
-                        "half_bytes": [size_of(h[0]) for h in halves]}
-    for level in (3, 19):
-        patches = [out / f"zstd-l{level}.half{i}.zst" for i in range(2)]
-        results_h = [out / f"result.half{i}.raw" for i in range(2)]
-        log(f"zstd -{level} --long=31 --patch-from (two halves)")
-        m = bench.measure(f"zstd-l{level}-halves-encode",
+    n, key = plan.parts, parts_key(plan.parts)
+    words = PART_WORDS.get(n, f"{n} parts")
+    log(f"cutting the raw images in {words} for zstd (not timed)")
+    halves = split_parts(work, n)
+    how = ("base.raw and app.raw each cut at the middle into two files; app half i is patched "
+           "against base half i" if n == 2 else
+           f"base.raw and app.raw each cut into {n} MiB-aligned pieces (the last takes the "
+           "rest); app piece i is patched against base piece i")
+    results["split"] = {"how": how, "parts": n, "part_bytes": [size_of(h[0]) for h in halves]}
+    if n == 2:
+        results["split"]["half_bytes"] = results["split"]["part_bytes"]
+    for level in levels:
+        tag = "half" if n == 2 else "part"
+        patches = [out / f"zstd-l{level}.{tag}{i}.zst" for i in range(n)]
+        results_h = [out / f"result.{tag}{i}.raw" for i in range(n)]
+        log(f"zstd -{level} --long=31 --patch-from ({words})")
+        m = bench.measure(f"zstd-l{level}-{key}-encode",
                           [["zstd", f"-{level}", "-T2", "--long=31", f"--patch-from={b}",
                             str(a), "-o", str(p), "-f", "-q"]
                            for (b, a), p in zip(halves, patches)])
-        results[f"zstd_l{level}_halves_encode"] = m.to_json() | {
+        results[f"zstd_l{level}_{key}_encode"] = m.to_json() | {
             "output_bytes": sum(size_of(p) for p in patches),
             "part_bytes": [size_of(p) for p in patches]}
 
@@ -819,16 +1006,19 @@ def benchmark(work: Path, with_profile: bool, results: dict) -> dict:
             for (_, a), r in zip(halves, rh):
                 cmp_files(a, r)
 
-        log(f"zstd -d (two halves, level {level})")
-        m = bench.measure(f"zstd-l{level}-halves-decode",
+        log(f"zstd -d ({words}, level {level})")
+        m = bench.measure(f"zstd-l{level}-{key}-decode",
                           [["zstd", "-d", "--long=31", f"--patch-from={b}", str(p), "-o", str(r),
                             "-f", "-q"] for (b, _), p, r in zip(halves, patches, results_h)],
                           after=check_halves)
-        results[f"zstd_l{level}_halves_decode"] = m.to_json() | {"identical": True}
+        results[f"zstd_l{level}_{key}_decode"] = m.to_json() | {"identical": True}
         for r in results_h:
             r.unlink(missing_ok=True)
 
-    # -- context: qemu-img's own compressed child ---------------------------------------------
+
+def qemu_child(bench: Bench, results: dict, out: Path, base_q: Path, app_q: Path,
+               plan: Plan) -> None:
+    """qemu-img's own answer: a compressed qcow2 child holding only the child's clusters."""
     # With a child as the source and -B naming that child's own backing file, qemu-img copies
     # only the child's clusters (zero clusters too). Other routes are wrong here: converting
     # the child with its backing cut off ("backing": null) and rebasing it onto the base
@@ -843,7 +1033,29 @@ def benchmark(work: Path, with_profile: bool, results: dict) -> dict:
                       after=lambda _l: qemu_compare(app_q, cq))
     results["qemu_img_zstd_child"] = m.to_json() | {"output_bytes": size_of(cq),
                                                     "identical": True}
-    return results
+    if not plan.qemu_apply:
+        return
+    # Its "apply": the compressed child is bootable as it is (it decompresses on every read),
+    # but the like-for-like step is what `vmsynth apply` produces: an uncompressed child of the
+    # base. Same -B route as above, so only the compressed child's own clusters are copied.
+    restored = out / "qemu-zstd-restored.qcow2"
+    log("qemu-img convert -B base.qcow2 of the compressed child (its apply)")
+    m = bench.measure("qemu-img-convert-restore",
+                      [["qemu-img", "convert", "-O", "qcow2", "-B", str(base_q), "-F", "qcow2",
+                        str(cq), str(restored)]],
+                      before=lambda: restored.unlink(missing_ok=True),
+                      after=lambda _l: qemu_compare(app_q, restored))
+    results["qemu_img_zstd_child_apply"] = m.to_json() | {"output_bytes": size_of(restored),
+                                                          "identical": True}
+    restored.unlink(missing_ok=True)
+    flat = out / "qemu-zstd-flat.qcow2"
+    log("qemu-img convert of the compressed child on the base to a standalone qcow2 (once)")
+    m = bench.measure("qemu-img-convert-flatten",
+                      [["qemu-img", "convert", "-O", "qcow2", str(cq), str(flat)]],
+                      after=lambda _l: qemu_compare(app_q, flat), repeat=False)
+    results["qemu_img_zstd_child_flatten"] = m.to_json() | {"output_bytes": size_of(flat),
+                                                            "identical": True}
+    flat.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,13 +1079,39 @@ ROWS = [  # label, create key, apply key, kind, zstd level (for level-matched ra
 ]
 
 
-def table_rows(results: dict, scale: Scale) -> list[dict]:
+DEBIAN_ROWS = [
+    ("vmsynth (default, zstd -3)", "vmsynth_create_l3", "vmsynth_apply_l3", "vmsynth", 3),
+    ("vmsynth --level 19", "vmsynth_create_l19", "vmsynth_apply_l19", "vmsynth", 19),
+    ("xdelta3 -e -9 (raw images)", "xdelta3_encode", "xdelta3_decode", "peer", None),
+    ("zstd -3 -T2 --long=31 --patch-from (whole 3 GiB)", "zstd_l3_encode", "zstd_l3_decode",
+     "peer", 3),
+    ("zstd -19 -T2 --long=31 --patch-from (whole 3 GiB)", "zstd_l19_encode", "zstd_l19_decode",
+     "peer", 19),
+    ("zstd -3 -T2 --long=31 --patch-from, three 1 GiB parts", "zstd_l3_parts_encode",
+     "zstd_l3_parts_decode", "peer", 3),
+    ("zstd -19 -T2 --long=31 --patch-from, three 1 GiB parts", "zstd_l19_parts_encode",
+     "zstd_l19_parts_decode", "peer", 19),
+    # qemu's qcow2 zstd compression sets no level: zstd's default, 3
+    ("qcow2 child, qemu-img convert -c zstd -B base", "qemu_img_zstd_child",
+     "qemu_img_zstd_child_apply", "peer", 3),
+]
+
+DEBIAN_SHORT = {row[0]: short for row, short in zip(DEBIAN_ROWS, (
+    "vmsynth", "vmsynth -19", "xdelta3", "zstd -3 whole", "zstd -19 whole", "zstd -3, 3 parts",
+    "zstd -19, 3 parts", "qcow2 child"))}
+
+
+def run_loads(m: dict | None) -> list[float]:
+    return [r["load1"] for r in m.get("runs", []) if "load1" in r] if m else []
+
+
+def table_rows(results: dict, scale: Scale | None, rows_spec: list | None = None) -> list[dict]:
     rows = []
-    for label, ck, ak, kind, level in ROWS:
+    for label, ck, ak, kind, level in ROWS if rows_spec is None else rows_spec:
         c, a = results.get(ck), results.get(ak) if ak else None
         if c is None:
             continue
-        if scale.name == "quick":
+        if scale is not None and scale.name == "quick":
             label = label.replace("whole 2 GiB", "whole image")
         row = {"tool": label, "kind": kind, "level": level, "ok": c["ok"],
                "size_bytes": c.get("output_bytes") if c["ok"] else None,
@@ -881,7 +1119,10 @@ def table_rows(results: dict, scale: Scale) -> list[dict]:
                "create_rss_mib": c["peak_rss_mib_median"] if c["ok"] else None,
                "apply_s": a["wall_s_median"] if a else None,
                "apply_rss_mib": a["peak_rss_mib_median"] if a else None,
-               "create_runs": len(c["runs"]), "apply_runs": len(a["runs"]) if a else 0}
+               "create_runs": len(c["runs"]), "apply_runs": len(a["runs"]) if a else 0,
+               "create_cpu_s": c.get("cpu_s_median") if c["ok"] else None,
+               "apply_cpu_s": a.get("cpu_s_median") if a else None,
+               "create_load1": run_loads(c), "apply_load1": run_loads(a)}
         if not c["ok"]:
             run0 = c["runs"][0]
             row["failure"] = ("timed out" if run0["timed_out"] else
@@ -893,9 +1134,13 @@ def table_rows(results: dict, scale: Scale) -> list[dict]:
 COLUMNS = [("size_bytes", "overlay size"), ("create_s", "create time"),
            ("apply_s", "apply time"), ("create_rss_mib", "create peak RSS"),
            ("apply_rss_mib", "apply peak RSS")]
+DEBIAN_COLUMNS = [("size_bytes", "overlay size"), ("create_s", "create time"),
+                  ("create_cpu_s", "create CPU"), ("apply_s", "apply time"),
+                  ("apply_cpu_s", "apply CPU"), ("create_rss_mib", "create peak RSS"),
+                  ("apply_rss_mib", "apply peak RSS")]
 
 
-def ratios(rows: list[dict], same_level: bool = False) -> dict:
+def ratios(rows: list[dict], same_level: bool = False, columns: list | None = None) -> dict:
     """vmsynth / best peer for each column (smaller is better everywhere; < 1 = vmsynth wins).
 
     With `same_level`, only peers using the same zstd level as that vmsynth row count."""
@@ -905,7 +1150,7 @@ def ratios(rows: list[dict], same_level: bool = False) -> dict:
         if r["kind"] != "vmsynth" or not r["ok"]:
             continue
         per = {}
-        for col, _ in COLUMNS:
+        for col, _ in COLUMNS if columns is None else columns:
             cands = [p for p in peers if p.get(col) and
                      (not same_level or p.get("level") == r.get("level"))]
             if not cands or not r.get(col):
@@ -1082,14 +1327,170 @@ def write_markdown(path: Path, data: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+def load_cell(row: dict) -> str:
+    """1-minute load average at the start of the runs: create / apply (the largest if a
+    command ran more than once)."""
+    parts = [f"{max(v):.2f}" if v else "—" for v in (row.get("create_load1"),
+                                                    row.get("apply_load1"))]
+    return " / ".join(parts)
+
+
+def write_markdown_debian(path: Path, data: dict) -> None:
+    """The Debian section (merged into BENCHMARKS.md by hand): bench/DISK-DEBIAN.md."""
+    w, meta, res = data["workload"], data["meta"], data["results"]
+    b, a = w["base"], w["app"]
+    prep_note = ("were reused from an earlier run" if w["cached"]
+                 else f"were made first, in {w['build_seconds']:.0f} s")
+    la, lb = meta["loadavg_before"], meta["loadavg_after"]
+    lines = [
+        "## Disk overlays of a real Debian 12 guest",
+        "",
+        (f"Generated {meta['date']} by `{meta['command']}` (total "
+         f"{meta['total_seconds'] / 60:.1f} min; the copies of the pair and their raw "
+         f"exports {prep_note}). Every number is in `bench/{meta['results_file']}`; "
+         "`bench/README.md` explains the method."
+         + (" **Smoke run (`--quick`): vmsynth --level 19, xdelta3 and zstd -19 were "
+            "skipped.**" if meta["quick"] else "")),
+        "",
+        (f"**Machine:** {meta['machine']['distro']}, {meta['machine']['cores']} cores "
+         f"({meta['machine']['cpu']}), {meta['machine']['mem_gib']} GiB RAM, kernel "
+         f"{meta['machine']['kernel']}; {meta['versions']['qemu-img']}, "
+         f"{meta['versions']['xdelta3']}, {meta['versions']['zstd']}, "
+         f"{meta['versions']['vmsynth']} on {meta['versions']['python']}. "
+         f"vmsynth code: {meta.get('git', {}).get('describe', '?')}. "
+         f"1-minute load average at the start of the measured runs: {load_range(res)} on "
+         f"{meta['machine']['cores']} cores (before the run {la[0]:.2f}, after {lb[0]:.2f}; "
+         "per row in the last column). The machine is shared: CPU time (user + system, from "
+         "the same `wait4` as the peak RSS) moves less with other load than wall time does."),
+        "",
+        (f"**Workload** (`bench/debian_guest.py`): `base.qcow2`, a "
+         f"{size_text(w['disk_size'])} disk holding one ext4 filesystem with Debian 12 "
+         f"({b['suite']}: debootstrap minbase plus {', '.join(b['include'] or [])}; "
+         f"{b['packages']} packages, kernel {b['kernel_version']}; "
+         f"{mib(b['data_bytes'] or 0):.0f} MiB of data clusters), and `app.qcow2`, a qcow2 "
+         "child of it customized the way a guest is: through qemu-storage-daemon's FUSE "
+         "export, a loop mount and a chroot, `apt-get install --no-install-recommends` of "
+         f"{len(a['requested_packages'] or [])} Python data packages "
+         f"({a['new_packages']} new packages, "
+         f"{mib(a['new_packages_installed_bytes'] or 0):.0f} MiB installed), an app service, "
+         f"then `apt-get clean` and `fstrim`. Result: {mib(w['changed_bytes']):.0f} MiB of "
+         f"4 KiB blocks differ from the base ({w['changed_blocks_now_zero'] * 4096 / MiB:.0f} "
+         f"MiB of them now zero); the child holds {mib(w['child_data_bytes']):.0f} MiB of data "
+         f"clusters and {mib(w['child_zero_bytes']):.0f} MiB of zero clusters "
+         f"({mib(w['child_file_bytes']):.0f} MiB file). The peers read sparse raw exports "
+         f"(`qemu-img convert -O raw`, not timed: {mib(w['base_raw_allocated_bytes']):.0f} "
+         f"and {mib(w['app_raw_allocated_bytes']):.0f} MiB allocated of "
+         f"{size_text(w['disk_size'])} each)."),
+        "",
+        ("**Method:** as for the synthetic workload: each command its own subprocess; wall "
+         "time, CPU time (user + system) and peak RSS from `os.wait4` on that process; "
+         "commands under 10 s ran 3 times (median shown), longer ones once; warm page cache; "
+         "vmsynth's base scanned once beforehand by `vmsynth base add` "
+         f"({fmt(res['vmsynth_base_scan']['wall_s_median'])} s, "
+         f"{fmt(res['vmsynth_base_scan'].get('cpu_s_median'))} s CPU, "
+         f"{fmt(res['vmsynth_base_scan']['peak_rss_mib_median'], 0)} MiB), not counted in "
+         "create. Every rebuilt disk was checked identical (`qemu-img compare` against "
+         "app.qcow2 for vmsynth and the qcow2 child, `cmp` against app.raw for the peers). "
+         "zstd refuses a 3 GiB input outright (\"error 42: Can't handle files larger than "
+         "2 GB\"), so its rows cut both raw images into three 1 GiB parts and patch part i of "
+         "app.raw against part i of base.raw (the same rule as the two 1 GiB halves of the "
+         "2 GiB synthetic disk: base part plus input part fit zstd's 2 GiB --long=31 window); "
+         "sizes, times and CPU are summed over the parts, RSS is the largest part's. The qcow2 "
+         "child is `qemu-img convert -c -O qcow2 -o compression_type=zstd -B base.qcow2 -F "
+         "qcow2 app.qcow2 child.qcow2` (only the child's own clusters, compressed, in a new "
+         "child of the base; qemu sets no zstd level, so zstd's default 3: it counts as a "
+         "level-3 peer); its apply is `qemu-img convert -O qcow2 -B base.qcow2 -F qcow2 "
+         "child.qcow2 restored.qcow2`: an uncompressed child of the base, exactly what "
+         "`vmsynth apply` makes (the compressed child also boots as it is, with no apply "
+         "step, paying zstd decompression on every read instead)."),
+        "",
+        ("In brackets on the vmsynth rows: **vmsynth / best peer** for that column (below 1: "
+         "vmsynth is better; the best peers are named below the table)."),
+        "",
+        ("| tool | overlay size (MiB) | create (s) | create CPU (s) | apply (s) "
+         "| apply CPU (s) | create peak RSS (MiB) | apply peak RSS (MiB) "
+         "| load at start (create / apply) |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ratio_of = data["ratios"]
+
+    def cell(r: dict, col: str, value: float | None, digits: int) -> str:
+        text = fmt(value, digits)
+        v = ratio_of.get(r["tool"], {}).get(col)
+        return f"{text} ({v['ratio']:.2f}×)" if v and value is not None else text
+
+    for r in data["table"]:
+        if not r["ok"]:
+            why = " ".join(r["failure"].replace("|", "/").split())
+            lines.append(f"| {r['tool']} | failed: {why} | | | | | | "
+                         f"| {load_cell(r)} |")
+            continue
+        size = r["size_bytes"] and r["size_bytes"] / MiB
+        lines.append(
+            f"| {r['tool']} | {cell(r, 'size_bytes', size, 1)} "
+            f"| {cell(r, 'create_s', r['create_s'], 2)} "
+            f"| {cell(r, 'create_cpu_s', r['create_cpu_s'], 2)} "
+            f"| {cell(r, 'apply_s', r['apply_s'], 2)} "
+            f"| {cell(r, 'apply_cpu_s', r['apply_cpu_s'], 2)} "
+            f"| {cell(r, 'create_rss_mib', r['create_rss_mib'], 0)} "
+            f"| {cell(r, 'apply_rss_mib', r['apply_rss_mib'], 0)} | {load_cell(r)} |")
+    lines.append("")
+    for title, key in (("Best peers", "ratios"),
+                       (("Same zstd level only (vmsynth level 3 against the zstd -3 rows, "
+                         "level 19 against zstd -19)"), "ratios_same_level")):
+        lines += [f"**{title}:**", ""]
+        for tool, per in data[key].items():
+            parts = [f"{name} {v['ratio']:.2f}× "
+                     f"({DEBIAN_SHORT.get(v['best_peer'], v['best_peer'])})"
+                     for col, name in DEBIAN_COLUMNS if (v := per.get(col))]
+            lines.append(f"- {tool}: " + "; ".join(parts))
+        lines.append("")
+    extras = []
+    flat = res.get("vmsynth_apply_flatten")
+    if flat:
+        extras.append(f"`vmsynth apply --flatten` (a standalone qcow2; includes vmsynth's own "
+                      f"`qemu-img convert`): {fmt(flat['wall_s_median'])} s, "
+                      f"{fmt(flat.get('cpu_s_median'))} s CPU, "
+                      f"{fmt(flat['peak_rss_mib_median'], 0)} MiB peak RSS, "
+                      f"{mib(flat['output_bytes'])} MiB output.")
+    qflat = res.get("qemu_img_zstd_child_flatten")
+    if qflat:
+        extras.append(f"The same for the qcow2 child (`qemu-img convert -O qcow2 child.qcow2 "
+                      f"flat.qcow2`, through its backing file): {fmt(qflat['wall_s_median'])} s, "
+                      f"{fmt(qflat.get('cpu_s_median'))} s CPU, "
+                      f"{fmt(qflat['peak_rss_mib_median'], 0)} MiB peak RSS, "
+                      f"{mib(qflat['output_bytes'])} MiB output.")
+    floor = res.get("rss_floor")
+    if floor:
+        f_mib = floor["peak_rss_mib_median"]
+        at_floor = [DEBIAN_SHORT.get(r["tool"], r["tool"]) for r in data["table"] if r["ok"]
+                    and any(v is not None and v <= f_mib + 1
+                            for v in (r["create_rss_mib"], r["apply_rss_mib"]))]
+        extras.append(f"Peak RSS floor (what `true` reports when started the same way: the "
+                      f"measuring process forks each command): {fmt(f_mib, 0)} MiB."
+                      + (f" The {', '.join(at_floor)} row's peak RSS is at that floor: the "
+                         "tool's own peak is at most that, so vmsynth's RSS ratios against it "
+                         "understate the difference." if at_floor else ""))
+    for line in extras:
+        lines += [line, ""]
+    path.write_text("\n".join(lines))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                     help=f"where images and outputs go (default {DEFAULT_WORKDIR})")
+    ap.add_argument("--workload", choices=("synthetic", "debian"), default="synthetic",
+                    help="synthetic (default): the generated ext4 disk, writes BENCHMARKS.md; "
+                         "debian: the real Debian 12 pair of bench/debian_guest.py, writes "
+                         "bench/results-debian.json and bench/DISK-DEBIAN.md")
     ap.add_argument("--quick", action="store_true",
                     help="a 256 MiB workload for a smoke run; writes bench/results-quick.json "
-                         "and leaves BENCHMARKS.md alone")
+                         "and leaves BENCHMARKS.md alone (with --workload debian: the same "
+                         "images, but without vmsynth --level 19, xdelta3 and zstd -19; writes "
+                         "bench/results-debian-quick.json and WORKDIR/debian-disk/"
+                         "DISK-DEBIAN-quick.md)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached workload")
     ap.add_argument("--report-only", action="store_true",
                     help="measure nothing: rewrite BENCHMARKS.md from bench/results.json")
@@ -1097,15 +1498,21 @@ def main() -> int:
                     help="also record a cProfile of vmsynth create in the results")
     ap.add_argument("--_build", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--_scale", choices=("full", "quick"), help=argparse.SUPPRESS)
+    ap.add_argument("--_guest", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._build:  # internal: the workload build, in its own process (see workload())
         signal.signal(signal.SIGTERM, lambda s, _f: sys.exit(128 + s))
         try:
+            if args.workload == "debian":
+                build_debian_workload(args._build.resolve(), args._guest, args.rebuild)
+                return 0
             build_workload(args._build, QUICK if args._scale == "quick" else FULL)
         except BenchError as err:
             log(f"BUILD FAILED: {err}")
             return 1
         return 0
+    if args.workload == "debian":
+        return main_debian(args)
     if args.report_only:
         data = json.loads((SCRIPT.parent / "results.json").read_text())
         data["table"] = table_rows(data["results"], FULL)
@@ -1172,6 +1579,90 @@ def main() -> int:
         log(f"  {r['tool']}: " + (f"{fmt(r['size_bytes'] and r['size_bytes'] / MiB, 1)} MiB, "
                                   f"create {fmt(r['create_s'])} s, apply {fmt(r['apply_s'])} s"
                                   if r["ok"] else f"failed ({r['failure']})"))
+    log(f"total {data['meta']['total_seconds']:.0f} s")
+    return 0
+
+
+def debian_outputs(quick: bool, work: Path) -> tuple[Path, Path]:
+    if quick:
+        return SCRIPT.parent / "results-debian-quick.json", work / "DISK-DEBIAN-quick.md"
+    return SCRIPT.parent / "results-debian.json", SCRIPT.parent / "DISK-DEBIAN.md"
+
+
+def finish_debian(data: dict) -> None:
+    data["table"] = table_rows(data["results"], None, DEBIAN_ROWS)
+    data["ratios"] = ratios(data["table"], columns=DEBIAN_COLUMNS)
+    data["ratios_same_level"] = ratios(data["table"], same_level=True, columns=DEBIAN_COLUMNS)
+
+
+def main_debian(args: argparse.Namespace) -> int:
+    """--workload debian: the real Debian pair. Never touches BENCHMARKS.md or results.json."""
+    work = args.workdir.resolve() / "debian-disk"
+    out_json, out_md = debian_outputs(args.quick, work)
+    if args.report_only:
+        data = json.loads(out_json.read_text())
+        finish_debian(data)
+        write_markdown_debian(out_md, data)
+        log(f"rewrote {out_md} from {out_json.name} ({data['meta']['date']})")
+        return 0
+    if os.geteuid() != 0:
+        print("disk_bench.py needs root (and building the Debian pair: debootstrap, mount)",
+              file=sys.stderr)
+        return 2
+    for tool in ("qemu-img", "xdelta3", "zstd", "cmp"):
+        if shutil.which(tool) is None:
+            print(f"missing {tool}: apt-get install -y qemu-utils xdelta3 zstd diffutils",
+                  file=sys.stderr)
+            return 2
+    if not VMSYNTH.exists():
+        print(f"missing {VMSYNTH}: make the venv first", file=sys.stderr)
+        return 2
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    plan = DEBIAN_QUICK_PLAN if args.quick else DEBIAN_PLAN
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    git_at_start = git_state()
+    results: dict = {}
+    try:
+        info = debian_workload(work, args.workdir.resolve() / "debian", args.rebuild)
+        benchmark(work, args.profile, results, plan)
+    except BenchError as err:
+        log(f"BENCH FAILED: {err}")
+        if results:
+            partial = work / "results-partial.json"
+            partial.write_text(json.dumps({"error": str(err), "results": results}, indent=2))
+            log(f"what was measured before the failure: {partial}")
+        return 1
+    command = ("/work/main/.venv/bin/python bench/disk_bench.py --workload debian"
+               + (" --quick" if args.quick else ""))
+    data = {
+        "meta": {"date": dt.datetime.now().isoformat(timespec="seconds"),
+                 "command": command, "workload": "debian", "quick": args.quick,
+                 "workdir": str(work), "results_file": out_json.name,
+                 "total_seconds": round(time.monotonic() - started, 1),
+                 "warm_page_cache": True, "repeat_under_s": REPEAT_UNDER, "repeats": REPEATS,
+                 "timeout_s": TIMEOUT, "plan": asdict(plan),
+                 "loadavg_before": [round(x, 2) for x in load_before],
+                 "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                 "machine": machine(), "versions": tool_versions(), "git": git_at_start},
+        "workload": info,
+        "results": results,
+    }
+    finish_debian(data)
+    out_json.write_text(json.dumps(data, indent=2) + "\n")
+    log(f"wrote {out_json}")
+    write_markdown_debian(out_md, data)
+    log(f"wrote {out_md}")
+    for r in data["table"]:
+        log(f"  {r['tool']}: " + (f"{fmt(r['size_bytes'] and r['size_bytes'] / MiB, 1)} MiB, "
+                                  f"create {fmt(r['create_s'])} s ({fmt(r['create_cpu_s'])} s "
+                                  f"CPU), apply {fmt(r['apply_s'])} s "
+                                  f"({fmt(r['apply_cpu_s'])} s CPU)"
+                                  if r["ok"] else f"failed ({r['failure'].strip()})"))
     log(f"total {data['meta']['total_seconds']:.0f} s")
     return 0
 
