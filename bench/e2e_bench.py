@@ -45,6 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from disk_bench import BenchError  # one error type across the bench scripts
+from memory_bench import assert_no_qemu, qemu_pids
+
 SCRIPT = Path(__file__).resolve()
 REPO = SCRIPT.parents[1]
 VMSYNTH = REPO / ".venv" / "bin" / "vmsynth"
@@ -70,10 +73,6 @@ WIRE_POLL = 0.01  # seconds between looks at the server's transmitted bytes
 STOP_TIMEOUT = 60.0  # seconds a vmsynth gets to end after SIGTERM
 FIXTURE_APPEND = "console=ttyS0 quiet panic=-1"
 TARGET_S = 2.0  # the goal: streaming total within this of the pure transfer at 50 Mbps
-
-
-class BenchError(RuntimeError):
-    """A failed step or a wrong result: the benchmark stops, loudly."""
 
 
 def one_line(text: str) -> str:
@@ -204,32 +203,6 @@ class Proc:
                     self.proc.wait(timeout=10)
         with contextlib.suppress(ValueError):
             Proc.live.remove(self)
-
-
-def qemu_pids(tmp: Path) -> list[int]:
-    """QEMU processes whose command line names our TMPDIR (their run directories are in it)."""
-    mark = str(tmp).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if argv and Path(argv[0].decode(errors="replace")).name.startswith("qemu-system") \
-                    and any(mark in a for a in argv):
-                pids.append(int(entry.name))
-    return pids
-
-
-def assert_no_qemu(tmp: Path) -> None:
-    deadline = time.monotonic() + 5  # a QEMU that was just told to quit may take a moment
-    while (left := qemu_pids(tmp)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if left:
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        raise BenchError(f"QEMU processes outlived their vmsynth: {left} (killed)")
 
 
 # ---------------------------------------------------------------------------------------------
