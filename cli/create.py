@@ -9,10 +9,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
-from vmsynth.create import create
+from vmsynth.create import CreateReport, create
 from vmsynth.errors import OverBudgetError
 from vmsynth.store import atomic_path
 
@@ -34,7 +35,8 @@ Examples:
   vmsynth create --base ubuntu-22.04@2.3.1 --disk app.qcow2 -o app.vmo --max-size 250M
   vmsynth create --base base.qcow2 --disk app.qcow2 -o app.vmo --encrypt --key-file app.key
   vmsynth create --base base.qcow2 --disk app.qcow2 -o - | ssh cloudlet vmsynth apply - ...
-  vmsynth create --base debian@12 --disk app.qcow2 --memory app.vmem -o app.vmo""")
+  vmsynth create --base debian@12 --disk app.qcow2 --memory app.vmem -o app.vmo
+  vmsynth create --base debian@12 --disk app.qcow2 -o app.vmo --level 19 --solid""")
 @base_option
 @click.option("--disk", "disk", required=True, type=click.Path(dir_okay=False),
               help="The customized disk (qcow2): a child of the base, or a full image.")
@@ -45,6 +47,10 @@ Examples:
               help="Where to write the overlay (- for standard output).")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True,
               help="zstd compression level (19 for the smallest overlay, slower).")
+@click.option("--solid", is_flag=True,
+              help="Compress all frames as one stream with a 128 MiB window: repeats far "
+                   "apart are found, so the overlay is smaller (most at high levels), but "
+                   "create and apply use one core and frames cannot be fetched alone.")
 @click.option("--max-size", type=console.SizeParam(), default=None,
               help="Fail (exit 11) instead of writing an overlay larger than this, e.g. 250M.")
 @click.option("--encrypt", is_flag=True,
@@ -53,7 +59,8 @@ Examples:
 @key_file_option
 @json_option
 def command(base_spec: str, disk: str, memory: str | None, output: str, level: int,
-            max_size: int | None, encrypt: bool, key_file: str | None, as_json: bool) -> None:
+            solid: bool, max_size: int | None, encrypt: bool, key_file: str | None,
+            as_json: bool) -> None:
     """Make an overlay: the difference between a base disk and a customized disk.
 
     A qcow2 child of the base is diffed by reading only the clusters it allocated; any
@@ -74,20 +81,23 @@ def command(base_spec: str, disk: str, memory: str | None, output: str, level: i
                     raise click.BadParameter(f"{output} is the {what} image: refusing to "
                                              "overwrite it", param_hint="-o/--output")
         with console.progress("diffing", 1, enabled=not as_json) as update:
+            def write(f: BinaryIO) -> CreateReport:
+                return create(base, image, f, level, update, key, snap, solid)
+
             if output == "-" and max_size is None:
-                report = create(base, image, sys.stdout.buffer, level, update, key, snap)
+                report = write(sys.stdout.buffer)
             elif output == "-":
                 # With a budget the overlay waits in a temporary file until its size is
                 # known: an oversized one never reaches standard output.
                 with tempfile.TemporaryFile() as f:
-                    report = create(base, image, f, level, update, key, snap)
+                    report = write(f)
                     _check_budget(report.overlay_bytes, max_size)
                     f.seek(0)
                     shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
                     sys.stdout.buffer.flush()
             else:
                 with atomic_path(Path(output), private=key is not None) as tmp, open(tmp, "wb") as f:
-                    report = create(base, image, f, level, update, key, snap)
+                    report = write(f)
                     _check_budget(report.overlay_bytes, max_size)
                     f.flush()
                     os.fsync(f.fileno())  # durable before the rename makes it visible

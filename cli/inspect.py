@@ -75,7 +75,8 @@ def command(overlay: str, files: bool, base_spec: str | None, top: int, key_file
         table.add_row("blocks (4 KiB)", f"{blocks.get('data', 0)} new, {blocks.get('delta', 0)} delta, "
                       f"{blocks.get('copy', 0)} deduped, {blocks.get('base', 0)} from base, "
                       f"{blocks.get('zero', 0)} zero")
-    table.add_row("frames", str(info["frames"]))
+    table.add_row("frames", str(info["frames"]) +
+                  (" (solid: one zstd stream, decoded in order)" if info["solid"] else ""))
     mem = info["memory"]
     if mem is not None:
         m = mem["machine"]

@@ -57,6 +57,10 @@ class Header:
     def encrypted(self) -> bool:
         return bool(self.incompat & Incompat.ENCRYPTED)
 
+    @property
+    def solid(self) -> bool:
+        return bool(self.incompat & Incompat.SOLID)
+
 
 @dataclass(frozen=True)
 class IndexEntry:

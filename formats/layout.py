@@ -25,6 +25,7 @@ FRAME = struct.Struct("<4sBBHIIII")
 FRAME_HEAD_SIZE = FRAME.size + DIGEST_SIZE
 MAX_FRAME_RAW = 32 << 20  # a reader refuses larger frames before allocating anything
 MAX_FRAME_RECORDS = 1 << 20
+SOLID_WINDOW_LOG = 27  # a solid overlay's zstd window: what a reader holds of earlier frames
 
 # Record, 32 bytes: kind, 3 reserved, stored, target, length, source.
 RECORD = struct.Struct("<B3xIQQQ")
@@ -65,6 +66,7 @@ class Incompat(IntFlag):
 
     NONE = 0
     ENCRYPTED = 1  # frames and summary sealed with AES-256-GCM (seal.py)
+    SOLID = 2  # the frames' payloads are consecutive pieces of one zstd stream (frames.py)
 
 
 class Compat(IntFlag):
@@ -75,6 +77,6 @@ class Compat(IntFlag):
 
 FRAME_ENCRYPTED = 1  # frame flag: the stored payload is sealed
 
-KNOWN_INCOMPAT = Incompat.ENCRYPTED
+KNOWN_INCOMPAT = Incompat.ENCRYPTED | Incompat.SOLID
 KNOWN_FRAME_FLAGS = FRAME_ENCRYPTED
 TAG_SIZE = 16  # AES-GCM tag appended to a sealed payload

@@ -128,15 +128,15 @@ class MemImage:
         self.closed = True
 
 
-def make_overlay(base: bases.Base, disk, level: int = 3, frame_data: int | None = None
-                 ) -> tuple[bytes, object]:
+def make_overlay(base: bases.Base, disk, level: int = 3, frame_data: int | None = None,
+                 solid: bool = False) -> tuple[bytes, object]:
     """Create an overlay in memory; `frame_data` shrinks frames to get several in a small file."""
     out = io.BytesIO()
     if frame_data is None:
-        report = create_mod.create(base, disk, out, level)
+        report = create_mod.create(base, disk, out, level, solid=solid)
     else:
         with mock.patch.object(create_mod, "FRAME_DATA", frame_data):
-            report = create_mod.create(base, disk, out, level)
+            report = create_mod.create(base, disk, out, level, solid=solid)
     return out.getvalue(), report
 
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from helpers import Result
-from vmsynth.formats.layout import HEADER, RECORD
+from vmsynth.formats.layout import FRAME_HEAD_SIZE, HEADER, RECORD
 
 from vmsynth import bases, errors
 from vmsynth import create as create_mod
@@ -253,6 +253,30 @@ def test_a_key_for_a_plain_overlay_is_refused(cli, enc, files, small_pair, monke
     # Control: without the key the plain overlay is fine.
     monkeypatch.delenv("VMSYNTH_PASSPHRASE", raising=False)
     assert cli(command, files / "plain.vmo", *argv[2 + len(extra):]).code == 0
+
+
+def test_solid_and_encrypted_together(cli, h, enc, small_pair, tmp_path):
+    """--solid --encrypt: sealed pieces of one stream; inspect says solid, and only the key
+    rebuilds the app (one flipped bit of a piece is damage, exit 13)."""
+    vmo = tmp_path / "s.vmo"
+    r = cli("create", "--base", small_pair.base_path, "--disk", small_pair.app_path, "-o", vmo,
+            "--solid", "--encrypt", "--key-file", enc.key_path, "--json")
+    assert r.code == 0, r.err
+    info = cli("inspect", vmo, "--json").json()
+    assert info["solid"] is True and info["encrypted"] is True
+    assert cli("verify", vmo, "--base", small_pair.base_path).code == ExitCode.KEY
+    r = cli("apply", vmo, "--base", small_pair.base_path, "--key-file", enc.key_path, "-o",
+            tmp_path / "s.qcow2", "--json")
+    assert r.code == 0, r.err
+    assert h.read_image(tmp_path / "s.qcow2") == small_pair.app_data
+    damaged = bytearray(vmo.read_bytes())
+    damaged[HEADER.unpack_from(damaged)[3] + FRAME_HEAD_SIZE + 3] ^= 0x01  # frame 0's piece
+    (tmp_path / "bad.vmo").write_bytes(bytes(damaged))
+    r = cli("apply", tmp_path / "bad.vmo", "--base", small_pair.base_path, "--key-file",
+            enc.key_path, "-o", tmp_path / "bad.qcow2")
+    assert r.code == ExitCode.CORRUPT
+    assert_one_line_error(r)
+    assert not (tmp_path / "bad.qcow2").exists()
 
 
 def test_create_encrypt_without_a_key_is_a_usage_error(cli, small_pair, tmp_path):

@@ -361,11 +361,12 @@ page_edits = st.lists(st.tuples(st.integers(0, PAGES - 1),
                                  st.integers(0, 1 << 16)), max_size=40)
 
 
-@given(edits=page_edits, state=st.integers(0, 3 * BLOCK), base_state=st.integers(0, 3 * BLOCK))
+@given(edits=page_edits, state=st.integers(0, 3 * BLOCK), base_state=st.integers(0, 3 * BLOCK),
+       solid=st.booleans())
 def test_any_page_edits_rebuild_exactly(h, small_pair, tmp_path_factory, edits, state,
-                                        base_state):
+                                        base_state, solid):
     """Property: whatever happened to which pages (and whatever the device-state sizes),
-    apply rebuilds the app snapshot's contents exactly."""
+    apply rebuilds the app snapshot's contents exactly, from a solid overlay too."""
     d = tmp_path_factory.mktemp("pages")
     ram = PAGES * BLOCK
     machine = replace(MACHINE, ram_size=ram)
@@ -401,7 +402,7 @@ def test_any_page_edits_rebuild_exactly(h, small_pair, tmp_path_factory, edits, 
     image, disk_image = memory.open_vmem(app_vmem.path), Qcow2Image(small_pair.app_path)
     try:
         out = io.BytesIO()
-        create.create(base, disk_image, out, memory=image)
+        create.create(base, disk_image, out, memory=image, solid=solid)
         out.seek(0)
         result = apply(out, base, d / "synth.qcow2")
     finally:

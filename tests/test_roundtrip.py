@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from vmsynth.formats.container import parse_header
 
 from vmsynth import bases
 from vmsynth.apply import apply
@@ -123,8 +124,9 @@ def contents(s: Scenario) -> tuple[bytes, bytes]:
     return bytes(base), bytes(app)
 
 
-def make(h, base: bases.Base, disk, level: int = 3, frame_data: int | None = None):
-    return h.make_overlay(base, disk, level, frame_data)
+def make(h, base: bases.Base, disk, level: int = 3, frame_data: int | None = None,
+         solid: bool = False):
+    return h.make_overlay(base, disk, level, frame_data, solid)
 
 
 def rebuild(h, overlay: bytes, base: bases.Base, out: Path) -> bytes:
@@ -162,6 +164,8 @@ def test_apply_of_create_reproduces_the_app(h, s):
                 try:
                     overlay, report = make(h, base, disk, frame_data=s.frame_data)
                     again, _ = make(h, base, disk, frame_data=s.frame_data)
+                    solid, solid_report = make(h, base, disk, frame_data=s.frame_data,
+                                               solid=True)
                 finally:
                     disk.close()
                 assert report.fast_path is fast
@@ -179,6 +183,11 @@ def test_apply_of_create_reproduces_the_app(h, s):
                 finally:
                     synth.close()
                 results[label] = rebuilt
+                # Solid: the same frames and records, compressed as one stream.
+                assert solid_report.summary["result_digest"] == report.summary["result_digest"]
+                assert parse_header(io.BytesIO(solid)).solid
+                assert not parse_header(io.BytesIO(overlay)).solid
+                assert rebuild(h, solid, base, d / f"solid-{label}.qcow2") == app_data
             assert results["child"] == results["flat"]
             # The overlay is a function of the contents: an in-memory disk gives the same bytes.
             mem, _ = make(h, base, h.MemImage(app_data, path=str(flat_path)),

@@ -97,6 +97,21 @@ def test_apply_from_a_pipe_equals_apply_from_the_file(h, small_pair, tmp_path):
     assert h.read_image(tmp_path / "p.qcow2") == small_pair.app_data
 
 
+def test_solid_create_into_a_pipe_and_apply_from_it(h, small_pair, tmp_path):
+    """create --solid -o - | apply -: the whole way without a file."""
+    out = tmp_path / "p.qcow2"
+    create = subprocess.Popen([h.VMSYNTH, "create", "--base", small_pair.base_path, "--disk",
+                               small_pair.app_path, "--solid", "-o", "-"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    r = subprocess.run([h.VMSYNTH, "apply", "-", "--base", small_pair.base_path, "-o", out,
+                        "--json"], stdin=create.stdout, capture_output=True, check=False)
+    assert create.stdout is not None
+    create.stdout.close()
+    assert create.wait(60) == 0, create.stderr.read() if create.stderr else ""
+    assert r.returncode == 0, r.stderr
+    assert h.read_image(out) == small_pair.app_data
+
+
 @pytest.fixture(scope="module")
 def many_frames(h, tmp_path_factory):
     """An overlay of a few hundred small frames: more than the decoder keeps in flight."""
@@ -110,17 +125,21 @@ def many_frames(h, tmp_path_factory):
                              base_data=base_data)
     base, disk = bases.load_path(base_path), Qcow2Image(app_path)
     try:
-        overlay, _ = h.make_overlay(base, disk, frame_data=BLOCK)
+        overlays = {solid: h.make_overlay(base, disk, frame_data=BLOCK, solid=solid)[0]
+                    for solid in (False, True)}
     finally:
         disk.close()
         base.close()
-    return base_path, bytes(app_data), overlay
+    return base_path, bytes(app_data), overlays
 
 
-def test_synthesis_begins_before_the_transfer_ends(h, many_frames, tmp_path):
+@pytest.mark.parametrize("solid", [False, True], ids=["frames", "solid"])
+def test_synthesis_begins_before_the_transfer_ends(h, many_frames, tmp_path, solid):
     """The server holds back the last 100 bytes (part of the trailer) until the rebuilt
-    disk's temporary file already holds data: rebuilding overlapped the transfer."""
-    base_path, app_data, overlay = many_frames
+    disk's temporary file already holds data: rebuilding overlapped the transfer, also
+    when the frames are one solid stream."""
+    base_path, app_data, overlays = many_frames
+    overlay = overlays[solid]
     out = tmp_path / "synth.qcow2"
     with serving(overlay) as srv:
         srv.hold_at = len(overlay) - 100

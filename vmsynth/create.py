@@ -21,7 +21,7 @@ import xxhash
 import zstandard
 
 from vmsynth.formats.container import OverlayWriter
-from vmsynth.formats.frames import EncodedFrame, Record, encode_frame
+from vmsynth.formats.frames import EncodedFrame, Record, SolidCompressor, encode_frame
 from vmsynth.formats.layout import MINOR, MINOR_MEMORY, RECORD, Incompat, Kind, Stream
 from vmsynth.formats.seal import Sealer
 
@@ -71,9 +71,10 @@ def _similar(new: bytes, old: bytes) -> bool:
 
 
 def _build_frame(seq: int, stream: Stream, items: list[_Item], level: int,
-                 sealer: Sealer | None) -> tuple[EncodedFrame, bytes, dict]:
+                 sealer: Sealer | None, solid: SolidCompressor | None
+                 ) -> tuple[EncodedFrame, bytes, dict]:
     """Worker: choose DELTA or DATA for candidates, pack, compress, digest the result."""
-    compressor = zstandard.ZstdCompressor(level=level)
+    compressor = solid or zstandard.ZstdCompressor(level=level)
     records: list[Record] = []
     data: list[bytes] = []
     result = hashlib.sha256()
@@ -109,13 +110,17 @@ def _build_frame(seq: int, stream: Stream, items: list[_Item], level: int,
 class _FrameQueue:
     """Groups items into frames, hands them to workers, writes results in order."""
 
-    def __init__(self, writer: OverlayWriter, level: int, sealer: Sealer | None) -> None:
+    def __init__(self, writer: OverlayWriter, level: int, sealer: Sealer | None,
+                 solid: bool) -> None:
         self.writer = writer
         self.level = level
-        self.frame_data = min(FRAME_DATA, HIGH_LEVEL_FRAME_DATA) if level >= HIGH_LEVEL \
-            else FRAME_DATA
+        self.frame_data = min(FRAME_DATA, HIGH_LEVEL_FRAME_DATA) \
+            if level >= HIGH_LEVEL and not solid else FRAME_DATA
         self.sealer = sealer
-        self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="vmsynth-compress")
+        # Solid: one stream, so one worker, which takes the frames in order.
+        self.solid = SolidCompressor(level) if solid else None
+        self.pool = ThreadPoolExecutor(1 if solid else WORKERS,
+                                       thread_name_prefix="vmsynth-compress")
         self.pending: deque[Future] = deque()
         self.items: list[_Item] = []
         self.data_bytes = self.cover_bytes = 0
@@ -152,7 +157,7 @@ class _FrameQueue:
         if not self.items:
             return
         self.pending.append(self.pool.submit(_build_frame, self.seq, self.stream, self.items,
-                                             self.level, self.sealer))
+                                             self.level, self.sealer, self.solid))
         self.seq += 1
         self.items = []
         self.data_bytes = self.cover_bytes = 0
@@ -252,9 +257,10 @@ class CreateReport:
 
 def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
            progress: Progress | None = None, key: Key | None = None,
-           memory: VmemImage | None = None) -> CreateReport:
+           memory: VmemImage | None = None, solid: bool = False) -> CreateReport:
     """Write to `out` an overlay that turns `base` into `disk` (encrypted if `key` is given),
-    and, with `memory`, the base's memory snapshot into that one.
+    and, with `memory`, the base's memory snapshot into that one. `solid` compresses all
+    frames as one stream: smaller, but one core and no frame decodable on its own.
 
     Raises:
         BadInputError: the disk is smaller than the base.
@@ -275,16 +281,17 @@ def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
         ranges = [(0, disk.virtual_size)]
     total = sum(n for _, n in ranges) + (memory.virtual_size if memory else 0)
     writer = OverlayWriter(out)
-    head = manifest(base, disk.virtual_size, level, memory)
+    head = manifest(base, disk.virtual_size, level, memory, solid)
     minor = MINOR_MEMORY if memory is not None else MINOR
+    incompat = Incompat.SOLID if solid else Incompat.NONE
     sealer = None
     if key is None:
-        writer.write_header(head, minor=minor)
+        writer.write_header(head, incompat=incompat, minor=minor)
     else:
         head["encryption"], master, file_id = encryption_for_new(key)
-        writer.write_header(head, incompat=Incompat.ENCRYPTED, minor=minor)
+        writer.write_header(head, incompat=incompat | Incompat.ENCRYPTED, minor=minor)
         sealer = Sealer(master, file_id, writer.header_digest)
-    queue = _FrameQueue(writer, level, sealer)
+    queue = _FrameQueue(writer, level, sealer, solid)
     done = 0
 
     def advance(n: int) -> None:
@@ -338,8 +345,8 @@ def _check_memory(base: Base, memory: VmemImage) -> None:
                                  "and RAM size as the base's snapshot")
 
 
-def manifest(base: Base, virtual_size: int, level: int, memory: VmemImage | None = None
-             ) -> dict:
+def manifest(base: Base, virtual_size: int, level: int, memory: VmemImage | None = None,
+             solid: bool = False) -> dict:
     ident = base.identity
     head: dict = {
         "block_size": BLOCK,
@@ -349,6 +356,8 @@ def manifest(base: Base, virtual_size: int, level: int, memory: VmemImage | None
         "compression": {"codec": "zstd", "level": level},
         "created_by": f"vmsynth {__version__}",
     }
+    if solid:
+        head["compression"]["solid"] = True
     if memory is not None:
         assert ident.memory is not None
         head["base"]["memory"] = {"size": ident.memory.size, "digest": ident.memory.digest}

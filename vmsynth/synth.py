@@ -17,7 +17,7 @@ from typing import Protocol
 import zstandard
 
 from vmsynth.formats.container import OverlayStream, open_summary
-from vmsynth.formats.frames import FrameHead, Record, decode_payload
+from vmsynth.formats.frames import FrameHead, Record, SolidDecompressor, decode_payload
 from vmsynth.formats.layout import MAX_FRAME_RAW, RECORD, Kind, Stream
 from vmsynth.formats.seal import Sealer
 
@@ -134,10 +134,10 @@ class Decoded:
 
 
 def _decode(head: FrameHead, stored: bytes, base_read: Read | None,
-            sealer: Sealer | None) -> Decoded:
+            sealer: Sealer | None, solid: SolidDecompressor | None) -> Decoded:
     """Open and check one frame; expand its DATA and DELTA records (`base_read`: the base
     object of the frame's stream, None when checking without a base)."""
-    records, area = decode_payload(head, stored, sealer)
+    records, area = decode_payload(head, stored, sealer, solid)
     out: list[bytes | None] = []
     pos = produced = 0
     for r in records:
@@ -175,13 +175,16 @@ def _decode(head: FrameHead, stored: bytes, base_read: Read | None,
 def decoded_frames(overlay: OverlayStream, bases: dict[int, Read] | None,
                    sealer: Sealer | None) -> Iterator[Decoded]:
     """Frames decoded on worker threads, yielded in file order."""
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="vmsynth-decode") as pool:
+    # A solid overlay's frames continue one stream: one worker decodes them in order.
+    solid = SolidDecompressor() if overlay.header.solid else None
+    with ThreadPoolExecutor(1 if solid else WORKERS,
+                            thread_name_prefix="vmsynth-decode") as pool:
         pending: deque = deque()
         try:
             for frame in overlay.frames():
                 base_read = bases.get(frame.head.stream) if bases else None
                 pending.append(pool.submit(_decode, frame.head, frame.stored, base_read,
-                                           sealer))
+                                           sealer, solid))
                 while len(pending) > LOOKAHEAD:
                     yield pending.popleft().result()
             while pending:

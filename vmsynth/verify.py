@@ -111,6 +111,7 @@ def describe(path: Path, key: Key | None = None) -> dict[str, Any]:
         "blocks": blocks,
         "block_size": manifest.block_size,
         "frames": len(footer.index),
+        "solid": header.solid,
         "encrypted": header.encrypted,
         "encryption": {"cipher": encryption["cipher"], "kdf": encryption["kdf"]}
         if header.encrypted else None,

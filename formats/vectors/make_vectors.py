@@ -12,6 +12,10 @@ The mem-*.vmo vectors (format 1.1) also carry a memory stream: the app's memory 
 against the base's, both made by `build_memory` (rebuilt by readers from the recipe, like the
 disks), with one page of every memory record kind; `memory.digest` is the rebuilt snapshot's.
 
+The mem-solid-*.vmo vectors are the same disk and memory as a solid overlay (incompat bit 1,
+SPEC.md section 4.2: all frames one zstd stream), in several frames; the bad one declares one
+byte less than its first frame's piece decodes to.
+
 The enc-*.vmo vectors are encrypted (SPEC.md section 8), with the key file vectors.key
 (committed beside them, 32 fixed bytes) or the passphrase PASSPHRASE. For them the top-level
 outcome is what a reader given no key must do (refuse, exit 20); `key` names the key and
@@ -80,6 +84,8 @@ EXPECTED = {
     "good.vmo": None,
     "mem-good.vmo": None,
     "mem-bad-memory-frame.vmo": ("CorruptOverlayError", 13),
+    "mem-solid-good.vmo": None,
+    "mem-solid-overrun.vmo": ("CorruptOverlayError", 13),
     "bad-magic.vmo": ("CorruptOverlayError", 13),
     "truncated.vmo": ("CorruptOverlayError", 13),
     "bad-digest.vmo": ("CorruptOverlayError", 13),
@@ -220,7 +226,8 @@ def key_for(kind: str, file_id: bytes = FILE_ID) -> Key:
 
 def _create(base_path: Path, app_path: Path, key: Key | None = None,
             frame_data: int | None = None,
-            memory_paths: tuple[Path, Path] | None = None) -> tuple[bytes, dict]:
+            memory_paths: tuple[Path, Path] | None = None,
+            solid: bool = False) -> tuple[bytes, dict]:
     """An overlay of app over base (several small frames with `frame_data`; with
     `memory_paths`, the app's memory snapshot against the base's too), and its info."""
     original = create_mod.manifest
@@ -235,7 +242,8 @@ def _create(base_path: Path, app_path: Path, key: Key | None = None,
         out = io.BytesIO()
         with mock.patch.object(create_mod, "manifest", pinned), \
                 mock.patch.object(create_mod, "FRAME_DATA", frame_data or create_mod.FRAME_DATA):
-            report = create_mod.create(base, disk, out, level=3, key=key, memory=snapshot)
+            report = create_mod.create(base, disk, out, level=3, key=key, memory=snapshot,
+                                       solid=solid)
         app_sha = hashlib.sha256(disk.read(0, disk.virtual_size)).hexdigest()
     finally:
         if snapshot is not None:
@@ -266,6 +274,21 @@ def make_memory(folder: Path) -> tuple[dict[str, bytes], dict]:
     bad = bytearray(good)
     bad[pos + FRAME_HEAD_SIZE + FRAME.unpack_from(good, pos)[6] // 2] ^= 0x10  # its payload
     return {"mem-good.vmo": good, "mem-bad-memory-frame.vmo": bytes(bad)}, info
+
+
+def make_solid(folder: Path) -> tuple[dict[str, bytes], dict]:
+    """mem-solid-good.vmo (the same disk and memory, solid, several frames) and one bad
+    variant whose first frame declares a byte less than its piece decodes to."""
+    good, info = _create(folder / "base.qcow2", folder / "app.qcow2", frame_data=BLOCK,
+                      memory_paths=(folder / "base.vmem", folder / "app.vmem"), solid=True)
+    header, frames, summary, targets = split_overlay(good)
+    assert len(frames) >= 3, "the solid vectors need several frames"
+    fields = list(FRAME.unpack(frames[0][0]))
+    fields[7] -= 1  # raw_length
+    short = (FRAME.pack(*fields), frames[0][1])
+    return {"mem-solid-good.vmo": good,
+            "mem-solid-overrun.vmo": join_overlay(header, [short, *frames[1:]], summary,
+                                                  targets)}, info
 
 
 def _header_length(data: bytes) -> int:
@@ -421,6 +444,7 @@ def generate(outdir: Path) -> dict:
         try:
             good, info = make_good(Path(scratch))
             with_memory, memory_info = make_memory(Path(scratch))
+            solid, solid_info = make_solid(Path(scratch))
             encrypted, enc_infos = make_encrypted(Path(scratch) / "base.qcow2",
                                                   Path(scratch) / "app.qcow2")
         finally:
@@ -428,14 +452,15 @@ def generate(outdir: Path) -> dict:
                 os.environ.pop("VMSYNTH_HOME", None)
             else:
                 os.environ["VMSYNTH_HOME"] = saved_home
-    files = {"good.vmo": good} | damaged(good) | with_memory
+    files = {"good.vmo": good} | damaged(good) | with_memory | solid
+    good_info = {"good.vmo": info, "mem-good.vmo": memory_info,
+                 "mem-solid-good.vmo": solid_info}
     assert set(files) == set(EXPECTED)
     assert set(encrypted) == set(EXPECTED_ENCRYPTED)
     vectors = {}
     for name in sorted(files):
         expected = EXPECTED[name]
-        vectors[name] = (memory_info if name.startswith("mem-") else info) \
-            if expected is None else {
+        vectors[name] = good_info[name] if expected is None else {
             "outcome": "error", "error": expected[0], "exit_code": expected[1]}
     for name in sorted(encrypted):
         vectors[name] = encrypted_entry(name, enc_infos)
