@@ -48,9 +48,10 @@ Examples:
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True,
               help="zstd compression level (19 for the smallest overlay, slower).")
 @click.option("--solid", is_flag=True,
-              help="Compress all frames as one stream with a 128 MiB window: repeats far "
-                   "apart are found, so the overlay is smaller (most at high levels), but "
-                   "create and apply use one core and frames cannot be fetched alone.")
+              help="Compress all frames as one stream with a 128 MiB window (64 MiB from "
+                   "level 10): repeats far apart are found, so the overlay is smaller, but "
+                   "zstd uses one core in create and apply, and frames cannot be fetched "
+                   "alone.")
 @click.option("--max-size", type=console.SizeParam(), default=None,
               help="Fail (exit 11) instead of writing an overlay larger than this, e.g. 250M.")
 @click.option("--encrypt", is_flag=True,

@@ -73,9 +73,10 @@ class SolidCompressor:
     flushes it to a block boundary, so the frame's bytes decode once the earlier ones have.
     Long-distance matching finds repeats anywhere in the window, not only nearby."""
 
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, window_log: int = SOLID_WINDOW_LOG) -> None:
+        assert window_log <= SOLID_WINDOW_LOG  # what every reader can hold
         params = zstandard.ZstdCompressionParameters.from_level(
-            level, window_log=SOLID_WINDOW_LOG, enable_ldm=True)
+            level, window_log=window_log, enable_ldm=True)
         self._stream = zstandard.ZstdCompressor(compression_params=params).compressobj()
 
     def compress(self, raw: bytes) -> bytes:

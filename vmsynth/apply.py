@@ -55,11 +55,16 @@ class ClusterSink:
         assert self.buf is not None
         return self.buf
 
-    def write(self, offset: int, data: bytes) -> None:
-        pos, view = 0, memoryview(data)
-        while pos < len(data):
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        pos, view, size = 0, memoryview(data), len(data)
+        while pos < size:
             index, within = divmod(offset + pos, self.cs)
-            n = min(self.cs - within, len(data) - pos)
+            whole = (size - pos) // self.cs if within == 0 and index != self.index else 0
+            if whole:  # a run of whole clusters: straight to the file, in one call
+                self.writer.write_clusters(index, view[pos: pos + whole * self.cs])
+                pos += whole * self.cs
+                continue
+            n = min(self.cs - within, size - pos)
             buf = self._open(index, within == 0 and n == self.cs)
             buf[within: within + n] = view[pos: pos + n]
             pos += n
@@ -103,10 +108,11 @@ class ClusterSink:
 
     def flush(self) -> None:
         if self.buf is not None:
-            if is_zero(bytes(self.buf)):
+            data = bytes(self.buf)
+            if is_zero(data):
                 self.writer.zero_cluster(self.index)
             else:
-                self.writer.write_cluster(self.index, bytes(self.buf))
+                self.writer.write_cluster(self.index, data)
         self.buf = None
         self.index = -1
 

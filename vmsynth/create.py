@@ -22,7 +22,15 @@ import zstandard
 
 from vmsynth.formats.container import OverlayWriter
 from vmsynth.formats.frames import EncodedFrame, Record, SolidCompressor, encode_frame
-from vmsynth.formats.layout import MINOR, MINOR_MEMORY, RECORD, Incompat, Kind, Stream
+from vmsynth.formats.layout import (
+    MINOR,
+    MINOR_MEMORY,
+    RECORD,
+    SOLID_WINDOW_LOG,
+    Incompat,
+    Kind,
+    Stream,
+)
 from vmsynth.formats.seal import Sealer
 
 from . import __version__
@@ -41,6 +49,8 @@ FRAME_DATA = 4 << 20  # new data per frame: 4 MiB frames are ~4% smaller than 1 
 # real Debian pair at the same speed (a wider window) ...
 HIGH_LEVEL = 10  # ... but from this level on, zstd's tables for a 4 MiB input take ~100 MB
 HIGH_LEVEL_FRAME_DATA = 1 << 20  # per worker: 1 MiB frames keep create's peak under 300 MB
+# Solid at high levels: zstd's tables plus a 128 MiB window would pass 300 MB; 64 MiB fits.
+HIGH_LEVEL_SOLID_WINDOW_LOG = 26
 FRAME_COVER = 8 << 20  # bytes a frame may describe, so references stay cheap to verify
 FRAME_RECORDS = 16384
 SELF_INDEX_LIMIT = 500_000  # blocks remembered for dedupe within one overlay (~50 MB at most)
@@ -114,11 +124,12 @@ class _FrameQueue:
                  solid: bool) -> None:
         self.writer = writer
         self.level = level
-        self.frame_data = min(FRAME_DATA, HIGH_LEVEL_FRAME_DATA) \
-            if level >= HIGH_LEVEL and not solid else FRAME_DATA
+        high = level >= HIGH_LEVEL
+        self.frame_data = min(FRAME_DATA, HIGH_LEVEL_FRAME_DATA) if high else FRAME_DATA
         self.sealer = sealer
         # Solid: one stream, so one worker, which takes the frames in order.
-        self.solid = SolidCompressor(level) if solid else None
+        self.solid = SolidCompressor(level, HIGH_LEVEL_SOLID_WINDOW_LOG if high
+                                     else SOLID_WINDOW_LOG) if solid else None
         self.pool = ThreadPoolExecutor(1 if solid else WORKERS,
                                        thread_name_prefix="vmsynth-compress")
         self.pending: deque[Future] = deque()

@@ -31,7 +31,7 @@ class BackgroundHash:
         self.batch: list[bytes] = []
         self.size = 0
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         self.batch.append(data)
         self.size += len(data)
         if self.size >= BATCH:

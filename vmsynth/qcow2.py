@@ -330,6 +330,15 @@ class Qcow2Writer:
         self._map[index] = self._next << self.cluster_bits
         self._next += 1
 
+    def write_clusters(self, index: int, data: bytes | memoryview) -> None:
+        """Whole clusters `index`, `index + 1`, ... from `data`, in one write call."""
+        count = len(data) >> self.cluster_bits
+        assert count << self.cluster_bits == len(data)
+        self._file.write(data)
+        for i in range(count):
+            self._map[index + i] = (self._next + i) << self.cluster_bits
+        self._next += count
+
     def zero_cluster(self, index: int) -> None:
         self._map[index] = ZERO_FLAG
 

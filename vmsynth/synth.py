@@ -121,7 +121,7 @@ def _stream_id(entry: dict, want: Stream) -> int:
 class Sink(Protocol):
     """Where rebuilt bytes go. `read_result` serves COPY records (earlier result bytes)."""
 
-    def write(self, offset: int, data: bytes) -> None: ...
+    def write(self, offset: int, data: bytes | memoryview) -> None: ...
     def zero(self, offset: int, length: int) -> None: ...
     def read_result(self, offset: int, length: int) -> bytes: ...
 
@@ -130,7 +130,7 @@ class Sink(Protocol):
 class Decoded:
     head: FrameHead
     records: list[Record]
-    data: list[bytes | None]  # produced bytes of DATA / DELTA records, None for others
+    data: list[bytes | memoryview | None]  # bytes of DATA / DELTA records, None for others
 
 
 def _decode(head: FrameHead, stored: bytes, base_read: Read | None,
@@ -138,10 +138,10 @@ def _decode(head: FrameHead, stored: bytes, base_read: Read | None,
     """Open and check one frame; expand its DATA and DELTA records (`base_read`: the base
     object of the frame's stream, None when checking without a base)."""
     records, area = decode_payload(head, stored, sealer, solid)
-    out: list[bytes | None] = []
+    out: list[bytes | memoryview | None] = []
     pos = produced = 0
     for r in records:
-        chunk = bytes(area[pos: pos + r.stored])
+        chunk = area[pos: pos + r.stored]  # a view: the rebuilt bytes are not copied here
         pos += r.stored
         if r.kind is Kind.DATA:
             if r.stored != r.length:
