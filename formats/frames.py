@@ -133,7 +133,7 @@ class SolidDecompressor:
             # One byte more, with only an empty block as further input, must find nothing:
             # the decoder may hold input it took but has not yet put out.
             more = b""
-            if self._started:  # (before the zstd frame header, an empty block is no no-op)
+            if self._started:  # (before the zstd frame header it would not be a no-op)
                 self._feed.pending += EMPTY_BLOCK
                 try:
                     more = self._reader.read(1)
