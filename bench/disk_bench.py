@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import datetime as dt
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -890,26 +891,28 @@ def benchmark(work: Path, with_profile: bool, results: dict,
     results["vmsynth_base_scan"] = m.to_json()
 
     levels = (3, 19) if plan.slow else (3,)
-    for level in levels:
-        vmo = out / f"vmsynth-l{level}.vmo"
-        log(f"vmsynth create --level {level}")
-        m = bench.measure(f"vmsynth-create-l{level}",
+    for level, solid in itertools.product(levels, (False, True)):
+        key = f"l{level}" + ("_solid" if solid else "")
+        vmo = out / f"vmsynth-{key}.vmo"
+        flags = ["--level", str(level)] + (["--solid"] if solid else [])
+        log(f"vmsynth create {' '.join(flags)}")
+        m = bench.measure(f"vmsynth-create-{key}",
                           [[str(VMSYNTH), "create", "--base", base_ref, "--disk", str(app_q),
-                            "-o", str(vmo), "--level", str(level), "--json"]])
+                            "-o", str(vmo), *flags, "--json"]])
         rec = m.to_json() | {"output_bytes": size_of(vmo)}
         with contextlib.suppress(ValueError):
             rec["report"] = json.loads(m.stdout) if m.stdout.strip() else None
-        results[f"vmsynth_create_l{level}"] = rec
+        results[f"vmsynth_create_{key}"] = rec
 
-        synth = out / f"synth-l{level}.qcow2"
-        log(f"vmsynth apply (level {level} overlay)")
-        m = bench.measure(f"vmsynth-apply-l{level}",
+        synth = out / f"synth-{key}.qcow2"
+        log(f"vmsynth apply ({' '.join(flags)} overlay)")
+        m = bench.measure(f"vmsynth-apply-{key}",
                           [[str(VMSYNTH), "apply", str(vmo), "--base", base_ref,
                             "-o", str(synth), "--json"]],
                           before=lambda s=synth: s.unlink(missing_ok=True),
                           after=lambda _l, s=synth: qemu_compare(app_q, s))
-        results[f"vmsynth_apply_l{level}"] = m.to_json() | {"output_bytes": size_of(synth),
-                                                            "identical": True}
+        results[f"vmsynth_apply_{key}"] = m.to_json() | {"output_bytes": size_of(synth),
+                                                         "identical": True}
         synth.unlink()
 
     flat = out / "synth-flat.qcow2"
@@ -1062,9 +1065,16 @@ def qemu_child(bench: Bench, results: dict, out: Path, base_q: Path, app_q: Path
 # Reporting
 # ---------------------------------------------------------------------------------------------
 
-ROWS = [  # label, create key, apply key, kind, zstd level (for level-matched ratios)
+VMSYNTH_ROWS = [
     ("vmsynth (default, zstd -3)", "vmsynth_create_l3", "vmsynth_apply_l3", "vmsynth", 3),
     ("vmsynth --level 19", "vmsynth_create_l19", "vmsynth_apply_l19", "vmsynth", 19),
+    ("vmsynth --solid", "vmsynth_create_l3_solid", "vmsynth_apply_l3_solid", "vmsynth", 3),
+    ("vmsynth --level 19 --solid", "vmsynth_create_l19_solid", "vmsynth_apply_l19_solid",
+     "vmsynth", 19),
+]
+
+ROWS = [  # label, create key, apply key, kind, zstd level (for level-matched ratios)
+    *VMSYNTH_ROWS,
     ("xdelta3 -e -9 (raw images)", "xdelta3_encode", "xdelta3_decode", "peer", None),
     ("zstd -3 -T2 --long=31 --patch-from (whole 2 GiB)", "zstd_l3_encode", "zstd_l3_decode",
      "peer", 3),
@@ -1080,8 +1090,7 @@ ROWS = [  # label, create key, apply key, kind, zstd level (for level-matched ra
 
 
 DEBIAN_ROWS = [
-    ("vmsynth (default, zstd -3)", "vmsynth_create_l3", "vmsynth_apply_l3", "vmsynth", 3),
-    ("vmsynth --level 19", "vmsynth_create_l19", "vmsynth_apply_l19", "vmsynth", 19),
+    *VMSYNTH_ROWS,
     ("xdelta3 -e -9 (raw images)", "xdelta3_encode", "xdelta3_decode", "peer", None),
     ("zstd -3 -T2 --long=31 --patch-from (whole 3 GiB)", "zstd_l3_encode", "zstd_l3_decode",
      "peer", 3),
@@ -1097,7 +1106,7 @@ DEBIAN_ROWS = [
 ]
 
 DEBIAN_SHORT = {row[0]: short for row, short in zip(DEBIAN_ROWS, (
-    "vmsynth", "vmsynth -19", "xdelta3", "zstd -3 whole", "zstd -19 whole", "zstd -3, 3 parts",
+    "vmsynth", "vmsynth -19", "vmsynth --solid", "vmsynth -19 --solid", "xdelta3", "zstd -3 whole", "zstd -19 whole", "zstd -3, 3 parts",
     "zstd -19, 3 parts", "qcow2 child"))}
 
 

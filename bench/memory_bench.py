@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import datetime as dt
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -495,16 +496,16 @@ def overlays(g: Guest, gdir: Path, snaps: Path, env: dict, quick: bool, results:
 
     empty = child_of(g.base, out / "empty-child.qcow2")  # a disk with no change: memory only
     for kind, disk in (("full", app_disk), ("memonly", empty)):
-        for level in levels:
-            key = f"{kind}_l{level}"
+        for level, solid in itertools.product(levels, (False, True)):
+            key = f"{kind}_l{level}" + ("_solid" if solid else "")
             vmo = out / f"{key}.vmo"
             what = ("disk + memory" if kind == "full"
                     else "memory only: an empty child of the base + app.vmem")
-            log(f"  vmsynth create --level {level} ({what})")
+            flags = ["--level", str(level)] + (["--solid"] if solid else [])
+            log(f"  vmsynth create {' '.join(flags)} ({what})")
             m = bench.measure(f"vmsynth-create-{key}",
                               [[str(VMSYNTH), "create", "--base", g.ref, "--disk", str(disk),
-                                "--memory", str(app_vmem), "-o", str(vmo), "--level", str(level),
-                                "--json"]],
+                                "--memory", str(app_vmem), "-o", str(vmo), *flags, "--json"]],
                               before=lambda v=vmo: v.unlink(missing_ok=True))
             rec = m.to_json() | {"output_bytes": size_of(vmo), "report": json.loads(m.stdout)}
             rec["inspect"] = inspect(vmo)
@@ -732,10 +733,18 @@ ROWS = [  # label, create key, apply key, kind, what the output holds
      "disk + memory overlay"),
     ("vmsynth --level 19", "vmsynth_create_full_l19", "vmsynth_apply_full_l19", "vmsynth",
      "disk + memory overlay"),
+    ("vmsynth --solid", "vmsynth_create_full_l3_solid", "vmsynth_apply_full_l3_solid",
+     "vmsynth", "disk + memory overlay"),
+    ("vmsynth --level 19 --solid", "vmsynth_create_full_l19_solid",
+     "vmsynth_apply_full_l19_solid", "vmsynth", "disk + memory overlay"),
     ("vmsynth memory only (zstd -3)", "vmsynth_create_memonly_l3", "vmsynth_apply_memonly_l3",
      "vmsynth-mem", "memory (empty disk change)"),
     ("vmsynth memory only --level 19", "vmsynth_create_memonly_l19",
      "vmsynth_apply_memonly_l19", "vmsynth-mem", "memory (empty disk change)"),
+    ("vmsynth memory only --solid", "vmsynth_create_memonly_l3_solid",
+     "vmsynth_apply_memonly_l3_solid", "vmsynth-mem", "memory (empty disk change)"),
+    ("vmsynth memory only --level 19 --solid", "vmsynth_create_memonly_l19_solid",
+     "vmsynth_apply_memonly_l19_solid", "vmsynth-mem", "memory (empty disk change)"),
     ("zstd -3 -T2, whole app.vmem", "zstd_whole_l3_encode", "zstd_whole_l3_decode", "peer",
      "memory"),
     ("zstd -19 -T2, whole app.vmem", "zstd_whole_l19_encode", "zstd_whole_l19_decode", "peer",
