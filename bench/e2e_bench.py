@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python -P` (make bench) adds no dir
 from disk_bench import BenchError  # one error type across the bench scripts
 from memory_bench import assert_no_qemu, qemu_pids
 

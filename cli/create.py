@@ -46,7 +46,8 @@ Examples:
 @click.option("-o", "--output", required=True, metavar="OVERLAY",
               help="Where to write the overlay (- for standard output).")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True,
-              help="zstd compression level (19 for the smallest overlay, slower).")
+              help="zstd compression level (19 with --solid for the smallest overlay; "
+                   "slower).")
 @click.option("--solid", is_flag=True,
               help="Compress all frames as one stream with a 128 MiB window (64 MiB from "
                    "level 10): repeats far apart are found, so the overlay is smaller, but "
