@@ -93,6 +93,29 @@ SYNTHETIC_PLAN = Plan()
 PART_WORDS = {2: "two halves", 3: "three parts", 4: "four parts"}
 
 
+def missing_prerequisite(script: str, root_for: str, tools: tuple[str, ...],
+                         packages: str) -> str | None:
+    """Why `script` cannot run here (not root, a tool or vmsynth's venv missing), or None."""
+    if os.geteuid() != 0:
+        return f"{script} needs root ({root_for})"
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"missing {tool} (apt-get install -y {packages})"
+    if not VMSYNTH.exists():
+        return f"missing {VMSYNTH}: make the venv first (make test)"
+    return None
+
+
+def exit_on(*signals: signal.Signals) -> None:
+    """Make these signals exit like SystemExit, which unwinds through the finally blocks
+    (unmount, stop the VMs) instead of killing the process where it stands."""
+    def on_signal(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in signals:
+        signal.signal(sig, on_signal)
+
+
 def parts_key(parts: int) -> str:
     return "halves" if parts == 2 else "parts"
 
@@ -1530,22 +1553,14 @@ def main() -> int:
         write_markdown(REPO / "BENCHMARKS.md", data)
         log(f"rewrote {REPO / 'BENCHMARKS.md'} from bench/results.json ({data['meta']['date']})")
         return 0
-    if os.geteuid() != 0:
-        print("disk_bench.py needs root (mount, loop devices)", file=sys.stderr)
+    why = missing_prerequisite(
+        "disk_bench.py", "mount, loop devices",
+        ("qemu-img", "qemu-storage-daemon", "xdelta3", "zstd", "mkfs.ext4", "cmp"),
+        "qemu-utils xdelta3 zstd e2fsprogs")
+    if why:
+        print(f"error: {why}", file=sys.stderr)
         return 2
-    for tool in ("qemu-img", "qemu-storage-daemon", "xdelta3", "zstd", "mkfs.ext4", "cmp"):
-        if shutil.which(tool) is None:
-            print(f"missing {tool}: apt-get install -y qemu-utils xdelta3 zstd e2fsprogs",
-                  file=sys.stderr)
-            return 2
-    if not VMSYNTH.exists():
-        print(f"missing {VMSYNTH}: make the venv first", file=sys.stderr)
-        return 2
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the finally blocks: unmount, stop
-
-    signal.signal(signal.SIGTERM, on_term)
+    exit_on(signal.SIGTERM)
     scale = QUICK if args.quick else FULL
     work = args.workdir.resolve() / scale.name
     started = time.monotonic()
@@ -1614,23 +1629,13 @@ def main_debian(args: argparse.Namespace) -> int:
         write_markdown_debian(out_md, data)
         log(f"rewrote {out_md} from {out_json.name} ({data['meta']['date']})")
         return 0
-    if os.geteuid() != 0:
-        print("disk_bench.py needs root (and building the Debian pair: debootstrap, mount)",
-              file=sys.stderr)
+    why = missing_prerequisite(
+        "disk_bench.py", "and building the Debian pair: debootstrap, mount",
+        ("qemu-img", "xdelta3", "zstd", "cmp"), "qemu-utils xdelta3 zstd diffutils")
+    if why:
+        print(f"error: {why}", file=sys.stderr)
         return 2
-    for tool in ("qemu-img", "xdelta3", "zstd", "cmp"):
-        if shutil.which(tool) is None:
-            print(f"missing {tool}: apt-get install -y qemu-utils xdelta3 zstd diffutils",
-                  file=sys.stderr)
-            return 2
-    if not VMSYNTH.exists():
-        print(f"missing {VMSYNTH}: make the venv first", file=sys.stderr)
-        return 2
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
+    exit_on(signal.SIGTERM)
     plan = DEBIAN_QUICK_PLAN if args.quick else DEBIAN_PLAN
     started = time.monotonic()
     load_before = os.getloadavg()

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python -P` (make bench) adds no dir
-from disk_bench import BenchError  # one error type across the bench scripts
+from disk_bench import BenchError, exit_on, missing_prerequisite
 from memory_bench import assert_no_qemu, qemu_pids
 
 SCRIPT = Path(__file__).resolve()
@@ -973,27 +973,18 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="rounds per rate and workload")
     args = ap.parse_args()
 
-    if os.geteuid() != 0:
-        print("error: e2e_bench.py needs root (ip netns, tc)", file=sys.stderr)
-        return 1
-    for tool in ("ip", "tc", "curl", "qemu-system-x86_64", "qemu-img"):
-        if shutil.which(tool) is None:
-            print(f"error: missing {tool} (apt-get install -y iproute2 curl qemu-system-x86 "
-                  "qemu-utils)", file=sys.stderr)
-            return 1
-    if not VMSYNTH.exists():
-        print(f"error: missing {VMSYNTH}: make the venv first (make test)", file=sys.stderr)
+    why = missing_prerequisite("e2e_bench.py", "ip netns, tc",
+                               ("ip", "tc", "curl", "qemu-system-x86_64", "qemu-img"),
+                               "iproute2 curl qemu-system-x86 qemu-utils")
+    if why:
+        print(f"error: {why}", file=sys.stderr)
         return 1
     if args.runs < 1:
         print("error: --runs must be at least 1", file=sys.stderr)
         return 1
 
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the finally blocks
-
     global WIRE  # one HTTP server per run: its transmitted bytes
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
+    exit_on(signal.SIGTERM, signal.SIGHUP)
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     # Short: QMP socket paths (in vmsynth's run directories under TMPDIR) must stay < 108 bytes.

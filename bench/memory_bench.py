@@ -356,17 +356,7 @@ def code_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def file_state(path: Path) -> dict:
-    st = path.stat()
-    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
+file_state, sha256_file = debian_guest.file_state, debian_guest.sha256_file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1047,23 +1037,14 @@ def main() -> int:
     ap.add_argument("--rebuild", action="store_true", help="take the cached snapshots again")
     args = ap.parse_args()
 
-    if os.geteuid() != 0:
-        print("error: memory_bench.py needs root (the guest builds loop-mount their disks)",
-              file=sys.stderr)
+    why = disk_bench.missing_prerequisite(
+        "memory_bench.py", "the guest builds loop-mount their disks",
+        ("qemu-img", "qemu-system-x86_64", "xdelta3", "zstd", "cmp"),
+        "qemu-utils qemu-system-x86 xdelta3 zstd diffutils")
+    if why:
+        print(f"error: {why}", file=sys.stderr)
         return 1
-    for tool in ("qemu-img", "qemu-system-x86_64", "xdelta3", "zstd", "cmp"):
-        if shutil.which(tool) is None:
-            print(f"error: missing {tool} (apt-get install -y qemu-utils qemu-system-x86 "
-                  "xdelta3 zstd diffutils)", file=sys.stderr)
-            return 1
-    if not VMSYNTH.exists():
-        print(f"error: missing {VMSYNTH}: make the venv first (make test)", file=sys.stderr)
-        return 1
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the finally blocks: stop the VMs
-
-    signal.signal(signal.SIGTERM, on_term)
+    disk_bench.exit_on(signal.SIGTERM)
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     # Short: QMP socket paths (in vmsynth's run directories under TMPDIR) must stay < 108 bytes.
