@@ -30,7 +30,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python -P` (make bench) adds no dir
+import disk_bench
 from disk_bench import BenchError, exit_on, missing_prerequisite
 from memory_bench import assert_no_qemu, qemu_pids
 
@@ -772,27 +772,6 @@ def versions() -> dict:
     }
 
 
-def machine() -> dict:
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_kib = 0
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
-    distro = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                distro = line.split("=", 1)[1].strip('"')
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_kib / MiB, 1),
-            "kernel": platform.release(), "distro": distro}
-
-
 def git_state() -> dict:
     head = run("git", "-C", REPO, "rev-parse", "--short", "HEAD", check=False).stdout.strip()
     dirty = run("git", "-C", REPO, "status", "--porcelain", "--", "vmsynth", "cli", "formats",
@@ -1068,7 +1047,7 @@ def main() -> int:
                      "total_seconds": round(time.monotonic() - started, 1),
                      "loadavg_before": load_before,
                      "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                     "machine": machine(), "versions": versions(), "git": git_at_start,
+                     "machine": disk_bench.machine(), "versions": versions(), "git": git_at_start,
                      "git_at_end": git_state()},
             "network": network | {"port": PORT, "server": f"{server_python()} -m http.server",
                                   "tbf_latency": TBF_LATENCY},
