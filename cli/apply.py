@@ -10,17 +10,20 @@ import click
 
 from vmsynth import guest
 from vmsynth.apply import apply
+from vmsynth.source import open_source
+from vmsynth.store import Inputs
 
 from . import console
 from .boot import print_check
 from .options import (
     base_option,
-    file_size,
     json_option,
     key_file_option,
+    limits,
     open_base,
-    open_input,
+    overlay_input,
     read_key,
+    transfer_options,
 )
 
 
@@ -44,9 +47,11 @@ Examples:
               help="Then check the result with libguestfs, as `vmsynth check` does (exit 19 "
                    "if it fails; the result is kept for inspection).")
 @key_file_option
+@transfer_options
 @json_option
 def command(overlay: str, base_spec: str, output: str, memory_output: str | None,
-            flatten: bool, check_image: bool, key_file: str | None, as_json: bool) -> None:
+            flatten: bool, check_image: bool, key_file: str | None, as_json: bool,
+            **transfer: object) -> None:
     """Rebuild a disk from a base and an overlay (a file, - for standard input, or an
     http(s) URL: rebuilding proceeds as the bytes arrive).
 
@@ -55,17 +60,15 @@ def command(overlay: str, base_spec: str, output: str, memory_output: str | None
     checked; nothing appears under the output name unless all of them match.
     """
     started = time.monotonic()
-    with open_base(base_spec, as_json) as base, open_input(overlay) as source:
-        total = file_size(overlay, source)
-        done = 0
-        with console.progress("rebuilding", total, enabled=not as_json) as update:
-            def advance(n: int) -> None:
-                nonlocal done
-                done += n
-                update(done, max(total, done))
-
-            report = apply(source, base, Path(output), flatten, advance, read_key(key_file),
-                           Path(memory_output) if memory_output else None)
+    inputs = Inputs()
+    overlay_input(inputs, overlay)
+    inputs.add("key file", key_file)
+    with open_base(base_spec, as_json) as base, \
+            open_source(overlay, limits(transfer)) as source, \
+            console.advancing("rebuilding", source.size, enabled=not as_json) as advance:
+        report = apply(source, base, Path(output), flatten, advance, read_key(key_file),
+                       Path(memory_output) if memory_output else None, inputs=inputs,
+                       announce=True)
     elapsed = time.monotonic() - started
     checked = guest.check(Path(output)) if check_image else None
     if as_json:

@@ -73,6 +73,10 @@ def list_(as_json: bool) -> None:
         return
     table = Table("base", "virtual size", "digest", "image", "memory")
     for e in found:
+        if "damaged" in e:
+            table.add_row(f"{e['name']}@{e['version']}", "-", "damaged", e["damaged"],
+                          e["hint"])
+            continue
         mem = e.get("memory")
         table.add_row(f"{e['name']}@{e['version']}", console.human(int(e["virtual_size"])),
                       str(e["digest"])[:23] + "...", str(e["path"]),

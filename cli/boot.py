@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from vmsynth import accel, guest, memory, session
+from vmsynth import accel, guest, memory, session, signals
 from vmsynth.apply import apply
 from vmsynth.errors import SnapshotError
 from vmsynth.memory import Vmem
+from vmsynth.source import open_source
+from vmsynth.store import Inputs
 from vmsynth.vm import BootOptions, Machine, require_qemu
 
 from . import console
-from .options import base_option, file_size, json_option, open_base, open_input
+from .options import (
+    base_inputs,
+    base_option,
+    disk_inputs,
+    json_option,
+    key_file_option,
+    limits,
+    open_base,
+    open_disk,
+    overlay_input,
+    read_key,
+    transfer_options,
+)
 
 
 def boot_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,29 +65,6 @@ def boot_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends a VM the same careful way as Ctrl-C."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block is done; they are delivered when it ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _machine(disk: Path, opts: dict[str, Any], as_json: bool, resume: Vmem | None = None
              ) -> Machine:
     require_qemu()  # before the accelerator notice: the one error line says what to install
@@ -97,7 +86,7 @@ def _machine(disk: Path, opts: dict[str, Any], as_json: bool, resume: Vmem | Non
 
 
 def _run_machine(machine: Machine, as_json: bool, extra: dict[str, Any],
-                 snapshot_to: Path | None = None) -> None:
+                 snapshot_to: Path | None = None, inputs: Inputs | None = None) -> None:
     """Start, wait until ready, show how to reach it, wait until it ends.
 
     With `snapshot_to`, Ctrl-C or SIGTERM snapshots the VM's memory there instead of
@@ -123,7 +112,7 @@ def _run_machine(machine: Machine, as_json: bool, extra: dict[str, Any],
         except KeyboardInterrupt:
             if snapshot_to is None:
                 raise
-            vmem = machine.snapshot(snapshot_to)
+            vmem = machine.snapshot(snapshot_to, inputs)
             _snapshot_taken(vmem, as_json)
             return
         if snapshot_to is not None:
@@ -173,12 +162,31 @@ def boot(disk: str, resume_from: str | None, snapshot_on_exit: str | None, as_js
     then stops QEMU: no QEMU process is left behind. Guest RAM lives in a file in the
     VM's run directory, so `vmsynth snapshot` can capture it at any time.
     """
+    inputs = _boot_inputs(opts)
+    with open_disk(disk) as image:
+        disk_inputs(inputs, image)
+    inputs.add("memory snapshot to resume", resume_from)
+    _check_serial(inputs, opts)
+    if snapshot_on_exit:
+        inputs.check_output("--snapshot-on-exit", snapshot_on_exit)
     resume = memory.read_vmem(Path(resume_from)) if resume_from else None
     if resume is not None:
         memory.check(resume)  # a file from anywhere: nothing is resumed from damaged data
-    with _sigterm_as_interrupt():
-        _run_machine(_machine(Path(disk), opts, as_json, resume), as_json, {},
-                     Path(snapshot_on_exit) if snapshot_on_exit else None)
+    _run_machine(_machine(Path(disk), opts, as_json, resume), as_json, {},
+                 Path(snapshot_on_exit) if snapshot_on_exit else None, inputs)
+
+
+def _boot_inputs(opts: dict[str, Any]) -> Inputs:
+    inputs = Inputs()
+    inputs.add("kernel", opts["kernel"])
+    inputs.add("initrd", opts["initrd"])
+    return inputs
+
+
+def _check_serial(inputs: Inputs, opts: dict[str, Any]) -> None:
+    """QEMU truncates the serial log file: it must not be an input (a device is fine)."""
+    if opts["serial"] and opts["serial"] != "-":
+        inputs.check_output("--serial", opts["serial"], stream=True)
 
 
 @click.command("snapshot", epilog="""\b
@@ -210,8 +218,11 @@ Examples:
 @click.option("--keep", is_flag=True,
               help="Keep the session's disk (and memory snapshot) when the VM ends.")
 @boot_options
+@key_file_option
+@transfer_options
 @json_option
-def run(overlay: str, base_spec: str, keep: bool, as_json: bool, **opts: Any) -> None:
+def run(overlay: str, base_spec: str, keep: bool, key_file: str | None, as_json: bool,
+        **opts: Any) -> None:
     """Rebuild the VM from OVERLAY on a base, boot or resume it, and scrub it when it ends.
 
     OVERLAY is a file, - (standard input) or an http(s) URL, rebuilt as it arrives.
@@ -221,35 +232,35 @@ def run(overlay: str, base_spec: str, keep: bool, as_json: bool, **opts: Any) ->
     deleted, so nothing of the user remains, unless --keep is given.
     """
     started = time.monotonic()
+    transfer = limits(opts)
+    inputs = _boot_inputs(opts)
+    overlay_input(inputs, overlay)
+    inputs.add("key file", key_file)
+    _check_serial(inputs, opts)
     sess = None
-    with _sigterm_as_interrupt():
-        try:
-            with _signals_deferred():  # a session exists only inside the try that removes it
-                sess = session.new()
-            with open_base(base_spec, as_json) as base, open_input(overlay) as source:
-                total, done = file_size(overlay, source), 0
-                with console.progress("rebuilding", total, enabled=not as_json) as update:
-                    def advance(n: int) -> None:
-                        nonlocal done
-                        done += n
-                        update(done, max(total, done))
-
-                    # Not synced to disk: a session never outlives its VM (after a crash
-                    # it is scrubbed, not resumed), and a sync would delay the VM's start.
-                    report = apply(source, base, sess.disk, progress=advance,
-                                   memory_output=sess.memory, durable=False)
-            synthesized = time.monotonic() - started
-            machine = _machine(sess.disk, opts, as_json, report.memory)
-            _run_machine(machine, as_json, {"session": sess.id,
-                                            "synthesis_seconds": round(synthesized, 3)})
-        finally:
-            # The scrub must finish: a Ctrl-C or SIGTERM now takes effect right after it.
-            with _signals_deferred():
-                if sess is not None and keep:
-                    if not as_json:
-                        console.err.print(f"kept the session: {sess.dir}")
-                elif sess is not None:
-                    session.destroy(sess)
+    try:
+        with signals.deferred():  # a session exists only inside the try that removes it
+            sess = session.new(keep=inputs)
+        with open_base(base_spec, as_json) as base, open_source(overlay, transfer) as source, \
+                console.advancing("rebuilding", source.size, enabled=not as_json) as advance:
+            base_inputs(inputs, base)
+            _check_serial(inputs, opts)
+            # Not synced to disk: a session never outlives its VM (after a crash it is
+            # scrubbed, not resumed), and a sync would delay the VM's start.
+            report = apply(source, base, sess.disk, progress=advance, key=read_key(key_file),
+                           memory_output=sess.memory, durable=False, inputs=inputs)
+        synthesized = time.monotonic() - started
+        machine = _machine(sess.disk, opts, as_json, report.memory)
+        _run_machine(machine, as_json, {"session": sess.id,
+                                        "synthesis_seconds": round(synthesized, 3)})
+    finally:
+        # The scrub must finish: a Ctrl-C or SIGTERM now takes effect right after it.
+        with signals.deferred():
+            if sess is not None and keep:
+                if not as_json:
+                    console.err.print(f"kept the session: {sess.dir}")
+            elif sess is not None:
+                session.destroy(sess)
 
 
 @click.command("check", epilog="""\b

@@ -69,3 +69,17 @@ def progress(description: str, total: int, enabled: bool = True
             bar.update(task, completed=done, total=new_total)
 
         yield update
+
+
+@contextlib.contextmanager
+def advancing(description: str, total: int, enabled: bool = True
+              ) -> Iterator[Callable[[int], None]]:
+    """Yields advance(n): a bar over `total` bytes (0 when unknown) that grows by n."""
+    done = 0
+    with progress(description, total, enabled) as update:
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            update(done, max(total, done))
+
+        yield advance

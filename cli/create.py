@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,11 +17,13 @@ import click
 
 from vmsynth.create import CreateReport, create
 from vmsynth.errors import OverBudgetError
-from vmsynth.store import atomic_path
+from vmsynth.store import Inputs, StreamOutput, atomic_path, write_error
 
 from . import console
 from .options import (
+    base_inputs,
     base_option,
+    disk_inputs,
     json_option,
     key_file_option,
     new_key,
@@ -71,34 +75,38 @@ def command(base_spec: str, disk: str, memory: str | None, output: str, level: i
     edited blocks are stored as deltas against the base; the rest is zstd-compressed.
     """
     started = time.monotonic()
+    inputs = Inputs()
+    inputs.add("key file", key_file)
     key = new_key(key_file) if encrypt or key_file else None
     with open_base(base_spec, as_json) as base, open_disk(disk) as image, \
             open_memory(memory) as snap:
-        if output != "-":
-            for path, what in ((base.path, "base"), (Path(disk), "disk"),
-                               (Path(memory) if memory else None, "memory snapshot")):
-                if path is None:
-                    continue
-                if Path(output).exists() and os.path.samefile(output, path):
-                    raise click.BadParameter(f"{output} is the {what} image: refusing to "
-                                             "overwrite it", param_hint="-o/--output")
+        base_inputs(inputs, base)
+        disk_inputs(inputs, image)
+        inputs.add("memory snapshot", memory)
+        # A device or a FIFO (/dev/null, a named pipe) is written in place, like standard
+        # output; anything else gets a temporary file renamed into place.
+        stream = output == "-" or inputs.check_output("-o/--output", output, stream=True)
         with console.progress("diffing", 1, enabled=not as_json) as update:
             def write(f: BinaryIO) -> CreateReport:
                 return create(base, image, f, level, update, key, snap, solid)
 
-            if output == "-" and max_size is None:
-                report = write(sys.stdout.buffer)
-            elif output == "-":
-                # With a budget the overlay waits in a temporary file until its size is
-                # known: an oversized one never reaches standard output.
-                with tempfile.TemporaryFile() as f:
-                    report = write(f)
-                    _check_budget(report.overlay_bytes, max_size)
-                    f.seek(0)
-                    shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
-                    sys.stdout.buffer.flush()
+            if stream:
+                with _stream_output(output) as out:
+                    if max_size is None:
+                        report = write(out)
+                    else:
+                        # With a budget the overlay waits in a temporary file until its size
+                        # is known: an oversized one never reaches the stream.
+                        with tempfile.TemporaryFile() as f:
+                            report = write(f)
+                            _check_budget(report.overlay_bytes, max_size)
+                            f.seek(0)
+                            shutil.copyfileobj(f, out, 1 << 20)
+                    out.flush()
             else:
-                with atomic_path(Path(output), private=key is not None) as tmp, open(tmp, "wb") as f:
+                with atomic_path(Path(output), private=key is not None, keep=inputs,
+                                 announce=True) as tmp, \
+                        open(tmp, "wb") as f:
                     report = write(f)
                     _check_budget(report.overlay_bytes, max_size)
                     f.flush()
@@ -122,6 +130,21 @@ def command(base_spec: str, disk: str, memory: str | None, output: str, level: i
             f"  memory pages: {pages['data']} new, {pages['delta']} delta, {pages['copy']} "
             f"deduped, {pages['base']} from base memory, {pages['disk']} from base disk, "
             f"{pages['disk_copy']} from the new disk, {pages['zero']} zero")
+
+
+@contextlib.contextmanager
+def _stream_output(output: str) -> Iterator[StreamOutput]:
+    """Standard output, or a device or FIFO opened for writing in place."""
+    if output == "-":
+        yield StreamOutput(sys.stdout.buffer, "standard output")
+        return
+    try:
+        # Unbuffered: a failed write is reported once, not again when the file is closed.
+        raw = open(output, "wb", buffering=0)  # noqa: SIM115
+    except OSError as err:
+        raise write_error(output, err, "open") from err
+    with raw:
+        yield StreamOutput(raw, output)
 
 
 def _check_budget(size: int, max_size: int | None) -> None:

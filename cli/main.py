@@ -1,103 +1,128 @@
-"""The `vmsynth` command: a click group, and the one place errors become exit codes."""
+"""The `vmsynth` entry point: the one place where errors become exit codes.
+
+The stop signals are routed through `Interrupted` before anything slow is imported (so the
+imports below live inside the functions), and a Ctrl-C or SIGTERM at any moment ends the
+command with one line and its clean-up done, never a traceback. Every message passes
+through `redact`: no URL credential reaches the terminal.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
 
-import click
-
-from vmsynth import __version__
-from vmsynth.errors import ExitCode, VmsynthError
-
-from . import apply, base, boot, create, inspect, keygen, verify
-
-EPILOG = """\b
-Examples:
-  vmsynth base add ubuntu.qcow2 --name ubuntu-22.04 --version 2.3.1
-  vmsynth create --base ubuntu-22.04@2.3.1 --disk app.qcow2 -o app.vmo
-  vmsynth verify app.vmo --base ubuntu-22.04@2.3.1 --max-size 250M
-  vmsynth apply app.vmo --base ubuntu-22.04@2.3.1 -o synth.qcow2
-
-Exit codes: 0 ok, 1 internal error, 2 usage, 10 base mismatch, 11 over budget,
-12 unsupported format, 13 corrupt overlay, 14 tool missing or failed,
-15 boot failed, 16 bad input, 17 cannot write output, 18 accelerator
-unavailable, 19 image check failed, 20 key missing or wrong, 21 base busy,
-22 memory snapshot incompatible or not possible, 130 interrupted."""
-
-
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="vmsynth")
-@click.option("--debug", is_flag=True, envvar="VMSYNTH_DEBUG",
-              help="Show a traceback on internal errors.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
-    """vmsynth: small, verified VM overlays for cloudlets.
-
-    An overlay is the difference between a cached base VM disk and a customized one.
-    Create it once, ship it, and rebuild the customized disk on any machine with the base.
-    """
-    ctx.obj = {"debug": debug}
-
-
-for module in (create, apply, verify, inspect, keygen):
-    cli.add_command(module.command)
-cli.add_command(base.group)
-for command in (boot.boot, boot.snapshot, boot.run, boot.check):
-    cli.add_command(command)
-
-
-def _wants_json(argv: list[str]) -> bool:
-    return "--json" in argv
+from vmsynth import signals  # the standard library's signal and threading, nothing more
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the command, map every failure to one line and a documented code."""
-    argv = sys.argv[1:] if argv is None else argv
-    as_json = _wants_json(argv)
-    debug = "--debug" in argv or bool(os.environ.get("VMSYNTH_DEBUG"))
+    """Run the command; map every failure to one line and a documented code."""
+    signals.install()
+    try:
+        code = _run(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt as exc:  # while the modules below were still loading
+        code = _report("interrupted", None, _signal_code(exc), "Interrupted", False)
+    sys.exit(code)
+
+
+def _run(args: list[str]) -> int:
+    import os
+
+    from vmsynth import store
+
+    as_json = "--json" in args
+    debug = "--debug" in args or bool(os.environ.get("VMSYNTH_DEBUG"))
+    completed = store.completed.set([])
+    try:
+        return _invoke(args, as_json, debug)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP, or a prompt's Ctrl-C
+        return _interrupted(exc, store.completed.get() or [], as_json)
+    finally:
+        store.completed.reset(completed)
+
+
+def _invoke(args: list[str], as_json: bool, debug: bool) -> int:
+    import click
+
+    from vmsynth.errors import ExitCode, VmsynthError
+
+    from .app import cli
+
     try:
         # make_context + invoke rather than cli.main: click's main prints its own multi-line
         # usage errors and blank lines; here every failure is reported the same way.
-        with cli.make_context("vmsynth", list(argv)) as ctx:
+        with cli.make_context("vmsynth", list(args)) as ctx:
             cli.invoke(ctx)
-        code = ExitCode.OK
+        return ExitCode.OK
     except click.exceptions.Exit as exc:
-        code = exc.exit_code
+        return exc.exit_code
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
-        code = ExitCode.USAGE
+        return ExitCode.USAGE
     except click.UsageError as exc:
         where = f"vmsynth {exc.ctx.command_path.partition(' ')[2]}".strip() if exc.ctx else "vmsynth"
-        _report(exc.format_message(), f"see `{where} --help`", ExitCode.USAGE, "UsageError",
-                as_json)
-        code = ExitCode.USAGE
+        return _report(exc.format_message(), f"see `{where} --help`", ExitCode.USAGE,
+                       "UsageError", as_json)
+    except click.Abort:
+        raise KeyboardInterrupt from None
     except click.ClickException as exc:
-        _report(exc.format_message(), None, exc.exit_code, type(exc).__name__, as_json)
-        code = exc.exit_code
-    except (KeyboardInterrupt, click.Abort):
-        _report("interrupted", None, ExitCode.INTERRUPTED, "Interrupted", as_json)
-        code = ExitCode.INTERRUPTED
+        return _report(exc.format_message(), None, exc.exit_code, type(exc).__name__, as_json)
     except VmsynthError as exc:
-        _report(str(exc), exc.hint, exc.exit_code, type(exc).__name__, as_json)
-        code = exc.exit_code
-    except Exception as exc:  # a bug: say so plainly, traceback only when asked
+        return _report(str(exc), exc.hint, exc.exit_code, type(exc).__name__, as_json)
+    except BrokenPipeError:  # a reader such as `head` stopped early: not a bug
+        _quiet_stdout()
+        return _report("standard output was closed before everything was written (the "
+                       "program reading it stopped early)", None, ExitCode.WRITE_FAILED,
+                       "WriteError", False)
+    except Exception as exc:  # noqa: BLE001 (a bug: say so plainly, traceback only when asked)
         if debug:
+            import traceback
+
             traceback.print_exc()
-        _report(f"internal error: {type(exc).__name__}: {exc}",
-                "rerun with --debug and report it", ExitCode.ERROR, "InternalError", as_json)
-        code = ExitCode.ERROR
-    sys.exit(int(code))
+        return _report(f"internal error: {type(exc).__name__}: {exc}",
+                       "rerun with --debug and report it", ExitCode.ERROR, "InternalError",
+                       as_json)
 
 
-def _report(message: str, hint: str | None, code: int, kind: str, as_json: bool) -> None:
-    line = f"error: {message}"
-    if hint:
-        line += f" ({hint})"
-    click.echo(line, err=True)
-    if as_json:
-        click.echo(json.dumps({"ok": False, "error": {"kind": kind, "message": message,
-                                                      "hint": hint, "exit_code": int(code)}},
-                              indent=2, sort_keys=True))
+def _signal_code(exc: KeyboardInterrupt) -> int:
+    """128 + the signal's number; 130 (SIGINT) for a Ctrl-C at a prompt."""
+    return exc.exit_code if isinstance(exc, signals.Interrupted) else 130
+
+
+def _interrupted(exc: KeyboardInterrupt, completed: list[object], as_json: bool) -> int:
+    code = _signal_code(exc)
+    what = "interrupted" if code == 130 else f"stopped by {signals.Interrupted(code - 128)}"
+    if completed:  # say what is true: these had been finished before the signal came
+        what += f" after {' and '.join(map(str, completed))} " + \
+            ("were" if len(completed) > 1 else "was") + " complete"
+    return _report(what, None, code, "Interrupted", as_json)
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so the exit does not fail flushing a dead pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _report(message: str, hint: str | None, code: int, kind: str, as_json: bool) -> int:
+    import json
+
+    from vmsynth.source import redact
+
+    message, hint = redact(message), redact(hint) if hint else None
+    line = f"error: {message}" + (f" ({hint})" if hint else "")
+    try:
+        print(line, file=sys.stderr, flush=True)
+        if as_json:
+            print(json.dumps({"ok": False, "error": {"kind": kind, "message": message,
+                                                     "hint": hint, "exit_code": int(code)}},
+                             indent=2, sort_keys=True), flush=True)
+    except BrokenPipeError:
+        _quiet_stdout()
+    except OSError:
+        pass  # nowhere left to say it: the exit code still does
+    return code

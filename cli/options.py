@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import sys
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 import click
 
 from vmsynth import bases
 from vmsynth.bases import Base
-from vmsynth.errors import BadInputError
 from vmsynth.keys import Key, read_key_file
 from vmsynth.memory import VmemImage, open_vmem
 from vmsynth.qcow2 import Qcow2Image
+from vmsynth.source import Limits, is_url
+from vmsynth.store import Inputs
 
 from . import console
 
@@ -40,32 +38,24 @@ def open_base(spec: str, as_json: bool) -> Iterator[Base]:
         base.close()
 
 
-def is_url(path: str) -> bool:
-    return path.startswith(("http://", "https://"))
+def overlay_input(inputs: Inputs, spec: str) -> None:
+    """Remember the overlay a command reads, so no output can be it."""
+    if spec == "-":
+        inputs.add_fd("overlay (standard input)", 0)
+    elif not is_url(spec):
+        inputs.add("overlay", spec)
 
 
-@contextlib.contextmanager
-def open_input(path: str) -> Iterator[BinaryIO]:
-    """An overlay to read: a path, - for standard input, or an http(s) URL.
+def disk_inputs(inputs: Inputs, image: Qcow2Image, what: str = "disk") -> None:
+    """A disk and every file of its backing chain."""
+    for i, node in enumerate(image.chain()):
+        inputs.add(what if i == 0 else f"backing file of the {what}", node.path)
 
-    Standard input and URLs are read front to back as the bytes arrive: rebuilding starts
-    before the transfer ends, and the overlay is never held whole in memory or on disk.
-    """
-    if path == "-":
-        yield sys.stdin.buffer
-        return
-    if is_url(path):
-        with fetch(path) as response:
-            yield response
-        return
-    try:
-        f = open(Path(path), "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: no such file") from None
-    except OSError as err:
-        raise BadInputError(f"{path}: cannot read: {err.strerror}") from None
-    with f:
-        yield f
+
+def base_inputs(inputs: Inputs, base: Base) -> None:
+    inputs.add("base image", base.path)
+    if base.memory is not None:
+        inputs.add("base's memory snapshot", base.memory.path)
 
 
 @contextlib.contextmanager
@@ -90,61 +80,24 @@ def open_memory(path: str | None) -> Iterator[VmemImage | None]:
         image.close()
 
 
-URL_TIMEOUT = 30.0  # seconds without a byte before a fetch counts as failed
+def transfer_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """When a transfer from a URL counts as failed (as curl's options of the same names)."""
+    for option in reversed([
+        click.option("--speed-limit", type=console.SizeParam(), default="1K", show_default=True,
+                     metavar="RATE",
+                     help="Give up on a URL that sends less than RATE bytes per second ..."),
+        click.option("--speed-time", type=click.FloatRange(1), default=30.0,
+                     show_default=True, metavar="SECONDS",
+                     help="... on average over this many seconds of waiting."),
+        click.option("--max-time", type=click.FloatRange(0, min_open=True), default=None,
+                     metavar="SECONDS", help="Give up on a URL that takes longer in all."),
+    ]):
+        f = option(f)
+    return f
 
 
-class Download:
-    """An http(s) response read as it arrives; a broken transfer is one clear error."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.received = 0
-        try:
-            self.response = urllib.request.urlopen(url, timeout=URL_TIMEOUT)
-        except urllib.error.HTTPError as err:
-            raise BadInputError(f"{url}: the server answered {err.code} {err.reason}") from None
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            reason = getattr(err, "reason", err)
-            raise BadInputError(f"{url}: cannot fetch it ({reason})",
-                                hint="check the address and that the server is reachable"
-                                ) from None
-        length = self.response.headers.get("Content-Length", "")
-        self.size = int(length) if length.isdigit() else 0
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            data = self.response.read(n)
-        except (OSError, http.client.HTTPException) as err:
-            raise self._broken(str(err) or type(err).__name__) from None
-        self.received += len(data)
-        if n and not data and self.received < self.size:
-            raise self._broken(f"{self.size:,} announced")
-        return data
-
-    def _broken(self, why: str) -> BadInputError:
-        return BadInputError(f"{self.url}: the transfer broke off after {self.received:,} "
-                             f"bytes ({why})", hint="nothing was written; try again")
-
-    def close(self) -> None:
-        self.response.close()
-
-
-@contextlib.contextmanager
-def fetch(url: str) -> Iterator[BinaryIO]:
-    download = Download(url)
-    try:
-        yield download  # type: ignore[misc]
-    finally:
-        download.close()
-
-
-def file_size(path: str, source: object = None) -> int:
-    """The overlay's size when known beforehand (for progress): 0 for a pipe."""
-    if path == "-":
-        return 0
-    if isinstance(source, Download):
-        return source.size
-    return Path(path).stat().st_size
+def limits(opts: dict[str, Any]) -> Limits:
+    return Limits(opts.pop("speed_limit"), opts.pop("speed_time"), opts.pop("max_time"))
 
 
 PASSPHRASE_ENV = "VMSYNTH_PASSPHRASE"

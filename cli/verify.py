@@ -6,10 +6,18 @@ import contextlib
 
 import click
 
+from vmsynth.source import open_source, redact
 from vmsynth.verify import verify
 
 from . import console
-from .options import file_size, json_option, key_file_option, open_base, open_input, read_key
+from .options import (
+    json_option,
+    key_file_option,
+    limits,
+    open_base,
+    read_key,
+    transfer_options,
+)
 
 
 @click.command("verify", epilog="""\b
@@ -27,36 +35,30 @@ wrong, 2 usage error.""")
 @click.option("--max-size", type=console.SizeParam(), default=None,
               help="Fail (exit 11) if the overlay is larger than this, e.g. 250M.")
 @key_file_option
+@transfer_options
 @json_option
 def command(overlay: str, base_spec: str | None, max_size: int | None, key_file: str | None,
-            as_json: bool) -> None:
+            as_json: bool, **transfer: object) -> None:
     """Check an overlay: structure and every digest; optionally its base and a size budget.
 
     This is the step a CI pipeline gates on: each failure has its own exit code.
     """
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(open_base(base_spec, as_json)) if base_spec else None
-        source = stack.enter_context(open_input(overlay))
-        total = file_size(overlay, source)
-        done = 0
-        update = stack.enter_context(console.progress("verifying", total, not as_json))
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            update(done, max(total, done))
-
+        source = stack.enter_context(open_source(overlay, limits(transfer)))
+        advance = stack.enter_context(console.advancing("verifying", source.size,
+                                                        not as_json))
         report = verify(source, base, max_size, advance, read_key(key_file))
     checks = {"structure": "ok", "digests": "ok",
               "base": "ok" if report.base_checked else "skipped (no --base)",
               "budget": "ok" if max_size is not None else "skipped (no --max-size)"}
     if as_json:
-        console.emit_json({"ok": True, "overlay": overlay, "overlay_bytes": report.overlay_bytes,
+        console.emit_json({"ok": True, "overlay": redact(overlay), "overlay_bytes": report.overlay_bytes,
                            "max_size": max_size, "checks": checks,
                            "frames": report.replay.frames, "records": report.replay.records,
                            "result_digest": report.replay.result_digest})
         return
     budget = f" (budget {console.human(max_size)})" if max_size is not None else ""
-    console.out.print(f"{overlay}: ok, {console.human(report.overlay_bytes)}{budget}, "
+    console.out.print(f"{redact(overlay)}: ok, {console.human(report.overlay_bytes)}{budget}, "
                       f"{report.replay.frames} frames; " +
                       ", ".join(f"{k} {v}" for k, v in checks.items()))

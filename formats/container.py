@@ -147,8 +147,20 @@ def _read_exact(stream: BinaryIO, n: int, offset: int, what: str) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def _read_upto(stream: BinaryIO, n: int) -> bytes:
+    """Up to `n` bytes: fewer only at the end of the stream (a network read may be short)."""
+    chunks, need = [], n
+    while need:
+        chunk = stream.read(need)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        need -= len(chunk)
+    return b"".join(chunks)
+
+
 def parse_header(stream: BinaryIO) -> Header:
-    first = stream.read(HEADER.size)
+    first = _read_upto(stream, HEADER.size)
     if len(first) < len(MAGIC) or first[: len(MAGIC)] != MAGIC:
         raise CorruptOverlayError("not a vmsynth overlay (bad magic)",
                                   hint="check the file name; overlays are made by `vmsynth create`")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from .errors import BaseMismatchError, UsageError
 from .keys import Key, sealer_for
 from .memory import Vmem, VmemBuilder
 from .qcow2 import Qcow2Writer
-from .store import atomic_path
+from .store import Inputs, atomic_outputs, check_distinct, temp_path
 from .synth import ReplayReport, read_manifest, replay
 from .tools import run
 
@@ -170,45 +169,49 @@ def memory_path_for(output: Path) -> Path:
 
 def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
           progress: Callable[[int], None] | None = None, key: Key | None = None,
-          memory_output: Path | None = None, durable: bool = True) -> ApplyReport:
+          memory_output: Path | None = None, durable: bool = True,
+          inputs: Inputs | None = None, announce: bool = False) -> ApplyReport:
     """Rebuild the overlay read from `source` on `base` into `output` (temp name, then rename),
     and its memory snapshot, if any, into `memory_output` (default: OUTPUT's name, .vmem).
 
     An encrypted overlay needs its `key`; its decrypted result is readable by its owner only.
     `durable=False` skips syncing the results to disk: for a session that is thrown away
-    after its VM ends, where the sync would only delay the VM's start.
+    after its VM ends, where the sync would only delay the VM's start. `inputs` are the
+    files the caller read (the overlay, a key file): no output may be one of them, nor a
+    file of the base. `announce`: the results are the user's (store.completed lists them).
+
+    Raises:
+        UsageError: an output is an input, not a regular file, or both outputs are one file.
     """
+    inputs = inputs or Inputs()
+    inputs.add("base image", base.path)
+    if base.memory is not None:
+        inputs.add("base's memory snapshot", base.memory.path)
+    if hasattr(source, "fileno"):
+        with contextlib.suppress(OSError, ValueError):
+            inputs.add_fd("overlay", source.fileno())
     overlay = OverlayStream(source)
     manifest = read_manifest(overlay.header.manifest)
     memory_out = None
     if manifest.memory is not None:
         memory_out = memory_output or memory_path_for(output)
-    for out in (output, memory_out):
-        for used in (base.path, base.memory.path if base.memory else None):
-            if out is not None and used is not None and out.exists() and \
-                    os.path.samefile(out, used):
-                raise UsageError(f"{out} is a file of the base: refusing to overwrite it",
-                                 hint="write the rebuilt VM to other files")
-    if memory_out is not None and memory_out.resolve() == output.resolve():
-        raise UsageError(f"{output}: the disk and the memory snapshot need different files")
+    inputs.check_output("-o/--output", output)
+    if memory_out is not None:
+        inputs.check_output("--memory-output", memory_out)
+        check_distinct([("-o/--output", output), ("--memory-output", memory_out)])
     base.check_matches(manifest.base)  # before anything is written
     if manifest.memory is not None and base.memory is None:
         raise BaseMismatchError("overlay holds a memory snapshot, but the base has none")
     sealer = sealer_for(overlay.header, key)
     private = sealer is not None
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_path(output, private=private, durable=durable))
-        mem_tmp = stack.enter_context(atomic_path(memory_out, private=True, durable=durable)) \
-            if memory_out is not None else None
+    with atomic_outputs(durable, keep=inputs, announce=announce) as outputs:
+        tmp = outputs.add(output, private)
+        mem_tmp = outputs.add(memory_out, private=True) if memory_out is not None else None
         if not flatten:
             report, vmem = rebuild(overlay, base, tmp, sealer, progress, memory_out=mem_tmp,
                                    durable=durable)
         else:
-            # Named like atomic_path's temporaries, so a killed run's leftover is cleaned too.
-            fd, child_name = tempfile.mkstemp(prefix=f".{output.name}.{os.getpid()}.",
-                                              suffix=".child.tmp", dir=output.parent)
-            os.close(fd)
-            child = Path(child_name)
+            child = temp_path(output, "child")  # swept like any temporary if we are killed
             try:
                 report, vmem = rebuild(overlay, base, child, sealer, progress,
                                        whole_sectors=True, memory_out=mem_tmp)

@@ -20,6 +20,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -31,6 +32,7 @@ from .errors import (
     CorruptOverlayError,
     UsageError,
     VmsynthError,
+    WriteError,
 )
 from .memory import MachineInfo, VmemImage, open_vmem
 from .qcow2 import Image, Qcow2Image
@@ -46,6 +48,32 @@ def home() -> Path:
         return Path(env)
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "vmsynth"
+
+
+def cache_dir(sub: str) -> Path:
+    """$VMSYNTH_HOME/`sub`, made if needed.
+
+    Raises:
+        BadInputError: $VMSYNTH_HOME is a file or a dangling symlink.
+        WriteError: it cannot be created or written.
+    """
+    root = home()
+    folder = root / sub
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_dir():
+            return folder
+    except (FileExistsError, NotADirectoryError):
+        pass
+    except OSError as err:
+        raise WriteError(f"the vmsynth cache {root}: cannot create {folder}: {err.strerror}",
+                         hint="set VMSYNTH_HOME to a directory you can write") from None
+    if root.is_symlink() and not root.exists():
+        why = f"a symlink to {os.readlink(root)}, which does not exist"
+    else:
+        why = "not a directory"
+    raise BadInputError(f"the vmsynth cache {root} is {why}",
+                        hint="set VMSYNTH_HOME to a directory (or remove what is there)")
 
 
 @dataclass(frozen=True)
@@ -214,10 +242,12 @@ def _scan_cached(image: Image, path: Path, progress: Progress | None) -> tuple[s
         meta = json.loads(meta_file.read_text())
         index = BlockIndex.from_bytes(index_file.read_bytes())
         digest = meta["digest"]
-    except (OSError, ValueError, KeyError):
+        if not isinstance(digest, str):
+            raise TypeError("digest")
+    except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: scan again
         digest, index = scan(image, progress)
         try:
-            scans.mkdir(parents=True, exist_ok=True)
+            cache_dir("scans")
             write_atomic(index_file, index.to_bytes())
             write_atomic(meta_file, json.dumps({"path": str(path), "digest": digest}).encode())
         except VmsynthError:
@@ -258,14 +288,16 @@ def load_path(path: Path, name: str | None = None, version: str = "",
     return Base(path, image, identity, index, mem)
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
 def _entry_file(name: str, version: str) -> Path:
     for part in (name, version):
-        if not _NAME.match(part):
-            raise UsageError(f"invalid base name or version {part!r}",
-                             hint="use letters, digits and . _ + -")
+        if not _NAME.fullmatch(part):
+            shown = part if len(part) <= 40 else part[:40] + "..."
+            raise UsageError(f"invalid base name or version {shown!r}",
+                             hint="use up to 100 letters, digits and . _ + -, starting with a "
+                                  "letter or digit")
     return home() / "bases" / f"{name}@{version}.json"
 
 
@@ -274,8 +306,13 @@ def _lock(entry: Path, exclusive: bool, what: str) -> int:
 
     flock locks vanish with their process, so a killed vmsynth never leaves one behind.
     """
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(entry.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    cache_dir("bases")
+    try:
+        fd = os.open(entry.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise WriteError(f"{entry.with_suffix('.lock')}: cannot open the base's lock: "
+                         f"{err.strerror}",
+                         hint="set VMSYNTH_HOME to a directory you can write") from None
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -307,14 +344,57 @@ def add(path: Path, name: str, version: str, progress: Progress | None = None,
     return base
 
 
-def entries() -> list[dict[str, object]]:
+_STAT_FIELDS = ("dev", "ino", "size", "mtime_ns")
+
+
+def _read_entry(entry: Path) -> dict[str, Any]:
+    """A cache entry, checked field by field (a damaged one is reported, never half-used).
+
+    Raises:
+        BadInputError: the entry is damaged.
+        FileNotFoundError: there is no such entry.
+    """
+    spec = entry.stem
+    try:
+        record = json.loads(entry.read_bytes().decode("utf-8"))
+        _need(record, {"name": str, "version": str, "path": str, "digest": str,
+                       "virtual_size": int, "stat": dict})
+        _need(record["stat"], dict.fromkeys(_STAT_FIELDS, int))
+        memory = record.get("memory")
+        if memory is not None:
+            _need(memory, {"path": str, "digest": str, "size": int, "stat": dict})
+            _need(memory["stat"], dict.fromkeys(_STAT_FIELDS, int))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, TypeError) as err:
+        why = err.strerror if isinstance(err, OSError) else str(err) or type(err).__name__
+        raise BadInputError(f"base cache entry {entry} is damaged ({why})",
+                            hint=f"`vmsynth base rm {spec}`, then add the base again with "
+                                 "`vmsynth base add`") from None
+    return record
+
+
+def _need(record: object, fields: dict[str, type]) -> None:
+    if not isinstance(record, dict):
+        raise TypeError(f"a {type(record).__name__} where an object belongs")
+    for name, kind in fields.items():
+        if type(record.get(name)) is not kind:
+            raise TypeError(f"field {name!r} is missing or not a {kind.__name__}")
+
+
+def entries() -> list[dict[str, Any]]:
+    """Every cached base; a damaged entry appears with its name and a `damaged` reason."""
     folder = home() / "bases"
-    out = []
+    out: list[dict[str, Any]] = []
     for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            out.append(json.loads(f.read_text()))
-        except (OSError, ValueError):
-            continue
+            out.append(_read_entry(f))
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        except BadInputError as err:
+            name, _, version = f.stem.partition("@")
+            out.append({"name": name, "version": version, "damaged": str(err),
+                        "hint": err.hint})
     return out
 
 
@@ -338,7 +418,13 @@ def resolve(spec: str, progress: Progress | None = None) -> Base:
     cannot remove it while it is in use.
     """
     path = Path(spec)
-    if "@" in spec and not path.exists():
+    try:
+        st: os.stat_result | None = path.stat()
+    except OSError:  # no such file, or a name no file can have (too long): maybe NAME@VER
+        st = None
+    if st is not None and path.is_dir():
+        raise BadInputError(f"base {spec}: is a directory, not a disk image")
+    if "@" in spec and st is None:
         name, _, version = spec.partition("@")
         entry = _entry_file(name, version)
         if not entry.exists():
@@ -351,7 +437,7 @@ def resolve(spec: str, progress: Progress | None = None) -> Base:
             raise
         base.lock = lock
         return base
-    if not path.exists():
+    if st is None:
         raise BadInputError(f"base {spec}: no such file, and not a NAME@VERSION in the cache")
     return load_path(path, progress=progress)
 
@@ -365,7 +451,7 @@ def _not_cached(spec: str) -> BaseMismatchError:
 def _open_entry(spec: str, entry: Path, name: str, version: str,
                 progress: Progress | None) -> Base:
     try:
-        record = json.loads(entry.read_text())
+        record = _read_entry(entry)
     except FileNotFoundError:
         raise _not_cached(spec) from None  # removed just before we locked it
     image_path = Path(record["path"])

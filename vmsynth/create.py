@@ -36,7 +36,8 @@ from vmsynth.formats.seal import Sealer
 from . import __version__
 from .bases import Base, BlockIndex
 from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
-from .errors import BadInputError, BaseMismatchError, SnapshotError
+from .errors import BadInputError, BaseMismatchError, CorruptOverlayError, SnapshotError
+from .hashing import BackgroundHash
 from .keys import Key, encryption_for_new
 from .memory import VmemImage
 from .qcow2 import Image, Qcow2Image, changed_ranges
@@ -243,11 +244,15 @@ class _Differ:
                 return
         self.queue.add(_Item(Kind.DATA, target, n, 0, [new]))
 
-    def region(self, start: int, length: int, progress: Callable[[int], None]) -> None:
+    def region(self, start: int, length: int, progress: Callable[[int], None],
+               seen: Callable[[bytes], None] | None = None) -> None:
+        """Diff [start, start+length); `seen` gets every byte of the new object, in order."""
         end = start + length
         for offset in range(start, end, CHUNK):
             n = min(CHUNK, end - offset)
             new = self.new(offset, n)
+            if seen is not None:
+                seen(new)
             old = self.old(offset, n)
             if new != old:
                 for i in range(0, n, BLOCK):
@@ -324,7 +329,17 @@ def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
                              [(Kind.BASE, mem.index, mem.image.read),
                               (Kind.DISK, base.index, base.image.read),
                               (Kind.DISK_COPY, _OwnBlocks(differ.own), disk.read)], queue)
-            differ.region(0, memory.virtual_size, advance)
+            # The snapshot is read whole anyway: check it against its own digest on the way,
+            # before the overlay is finished (nothing is made from damaged memory).
+            contents = BackgroundHash()
+            try:
+                differ.region(0, memory.virtual_size, advance, contents.update)
+                if "sha256:" + contents.hexdigest() != memory.vmem.digest:
+                    raise CorruptOverlayError(f"{memory.path}: memory snapshot contents are "
+                                              "damaged (they do not match its digest)",
+                                              hint="take the snapshot again")
+            finally:
+                contents.close()
     finally:
         queue.close()
     summary = {

@@ -28,7 +28,9 @@ class ExitCode(IntEnum):
     KEY = 20  # an encrypted overlay and no key, or the wrong key
     BUSY = 21  # a cached base is in use by another vmsynth process
     SNAPSHOT = 22  # a memory snapshot cannot be taken, or does not fit this base or this QEMU
-    INTERRUPTED = 130  # Ctrl-C
+    HANGUP = 129  # SIGHUP (the terminal went away): stopped as carefully as by Ctrl-C
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM
 
 
 class VmsynthError(Exception):

@@ -36,7 +36,7 @@ from .blocks import BLOCK, CHUNK, ZERO_BLOCK, ZERO_CHUNK, is_zero
 from .errors import BadInputError, CorruptOverlayError, SnapshotError
 from .hashing import BackgroundHash
 from .qmp import QMP, QMPError
-from .store import atomic_path, write_error
+from .store import Inputs, atomic_path, temp_path, write_error
 
 MAGIC = b"VSMEM\r\n\x01"
 TRAILER = struct.Struct("<8sQQ8x32s")  # magic, header offset, header length, header SHA-256
@@ -379,8 +379,17 @@ def snapshot(qmp_path: Path, out: Path) -> Vmem:
         qmp.close()
 
 
-def take(qmp: QMP, ram_file: Path, launch: dict[str, Any], out: Path) -> Vmem:
-    """Snapshot the VM behind `qmp` (launched as `launch` says) into `out`, then quit it."""
+def take(qmp: QMP, ram_file: Path, launch: dict[str, Any], out: Path,
+         inputs: Inputs | None = None) -> Vmem:
+    """Snapshot the VM behind `qmp` (launched as `launch` says) into `out`, then quit it.
+
+    `out` must not be the VM's RAM file or disk, nor any of `inputs`.
+    """
+    inputs = inputs or Inputs()
+    inputs.add("VM's RAM file", ram_file)
+    disk = launch.get("disk")
+    inputs.add("VM's disk", disk if isinstance(disk, str) else None)
+    inputs.check_output("-o/--output", out)  # before the VM is touched
     machine = describe_machine(qmp, launch)
     try:
         shared = qmp.execute("qom-get", {"path": f"/objects/{RAM_ID}", "property": "share"})
@@ -390,7 +399,7 @@ def take(qmp: QMP, ram_file: Path, launch: dict[str, Any], out: Path) -> Vmem:
         raise SnapshotError("this VM's RAM is not shared with a file (a resumed snapshot maps "
                             "its file privately), so it cannot be snapshotted page by page",
                             hint="snapshot a VM booted with `vmsynth boot`")
-    state_file = out.parent / f".{out.name}.{os.getpid()}.state.tmp"
+    state_file = temp_path(out, "state")
     try:
         qmp.execute("stop")
         _ignore_shared(qmp)
@@ -401,7 +410,7 @@ def take(qmp: QMP, ram_file: Path, launch: dict[str, Any], out: Path) -> Vmem:
         raise write_error(state_file, err) from err
     finally:
         state_file.unlink(missing_ok=True)
-    vmem = write_vmem(out, ram_file, machine, state)
+    vmem = write_vmem(out, ram_file, machine, state, inputs)
     try:
         qmp.execute("quit")
     except QMPError:
@@ -409,11 +418,13 @@ def take(qmp: QMP, ram_file: Path, launch: dict[str, Any], out: Path) -> Vmem:
     return vmem
 
 
-def write_vmem(out: Path, ram_file: Path, machine: MachineInfo, state: bytes) -> Vmem:
+def write_vmem(out: Path, ram_file: Path, machine: MachineInfo, state: bytes,
+               keep: Inputs | None = None) -> Vmem:
     """Assemble a .vmem from a RAM file and a device-state stream (atomically, holes kept)."""
     sha = hashlib.sha256()
     size = machine.ram_size
-    with atomic_path(out, private=True) as tmp:  # a RAM image may hold secrets: owner only
+    # Owner only: a RAM image may hold secrets.
+    with atomic_path(out, private=True, keep=keep, announce=True) as tmp:
         try:
             with open(ram_file, "rb") as src, open(tmp, "r+b") as dst:
                 for pos in range(0, size, CHUNK):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import bases
-from .store import pid_alive
+from .store import Inputs, pid_alive, write_error
 
 SCRUB_CHUNK = 1 << 20
 
@@ -37,17 +37,23 @@ class Session:
 _SESSION = re.compile(r"(\d{1,10})-[0-9a-f]{12}")
 
 
-def new() -> Session:
+def new(keep: Inputs | None = None) -> Session:
     """A new session, named with our PID; sessions of dead processes are scrubbed first
-    (a vmsynth killed with -9, or a host that crashed, could not scrub its own)."""
-    folder = bases.home() / "sessions"
-    for old in folder.glob("*") if folder.is_dir() else []:
+    (a vmsynth killed with -9, or a host that crashed, could not scrub its own), except one
+    that holds a file of `keep` (what this command is about to read)."""
+    folder = bases.cache_dir("sessions")
+    for old in folder.iterdir():
         match = _SESSION.fullmatch(old.name)
-        if match and old.is_dir() and not pid_alive(int(match.group(1))):
+        if match and old.is_dir() and not old.is_symlink() and \
+                not pid_alive(int(match.group(1))) and \
+                not (keep and any(keep.holds(p) for p in old.rglob("*"))):
             destroy(Session(old.name, old))
     sid = f"{os.getpid()}-{secrets.token_hex(6)}"
-    (folder / sid).mkdir(parents=True, mode=0o700)
-    os.chmod(folder / sid, 0o700)  # the user's data: nobody else reads it while the VM runs
+    try:
+        (folder / sid).mkdir(mode=0o700)
+        os.chmod(folder / sid, 0o700)  # the user's data: nobody else reads it while it runs
+    except OSError as err:
+        raise write_error(folder / sid, err, "create the session directory") from err
     return Session(sid, folder / sid)
 
 

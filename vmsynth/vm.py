@@ -28,7 +28,7 @@ from .accel import Accel
 from .errors import BadInputError, BootError, SnapshotError, UsageError
 from .memory import MACHINE_FILE, Vmem
 from .qmp import QMP, QMPError
-from .store import scratch_dir
+from .store import Inputs, scratch_dir
 from .tools import PACKAGES, ToolError
 
 QEMU = "qemu-system-x86_64"
@@ -130,6 +130,7 @@ class Machine:
         o = self.options
         vga = o.resume.machine.vga if o.resume else o.vnc != "none"
         info = {"ram_file": str(self.ram_file if o.resume is None else o.resume.path),
+                "disk": str(Path(o.disk).resolve()),
                 "vga": vga, "kernel_boot": o.kernel is not None,
                 "extra_args": self.extra_args(), "accel": o.accel.name,
                 "resumed": o.resume is not None}
@@ -184,12 +185,15 @@ class Machine:
                                              "the VM was booted with") from None
                 raise SnapshotError(f"resuming {o.resume.path} failed: {err}") from None
 
-    def snapshot(self, out: Path) -> Vmem:
-        """Snapshot this VM's memory and device state into `out`; QEMU then quits."""
+    def snapshot(self, out: Path, inputs: Inputs | None = None) -> Vmem:
+        """Snapshot this VM's memory and device state into `out`; QEMU then quits.
+
+        `inputs`: files the caller read, which `out` must not be (nor the VM's own files).
+        """
         if self.qmp is None or self.proc is None or self.proc.poll() is not None:
             raise SnapshotError("the VM is no longer running: nothing to snapshot")
         launch = json.loads((self.rundir / MACHINE_FILE).read_text())
-        vmem = memory.take(self.qmp, Path(launch["ram_file"]), launch, out)
+        vmem = memory.take(self.qmp, Path(launch["ram_file"]), launch, out, inputs)
         self.wait(10)
         return vmem
 

@@ -1,0 +1,44 @@
+"""The `vmsynth` click group and its commands."""
+
+from __future__ import annotations
+
+import click
+
+from vmsynth import __version__
+
+from . import apply, base, boot, create, inspect, keygen, verify
+
+EPILOG = """\b
+Examples:
+  vmsynth base add ubuntu.qcow2 --name ubuntu-22.04 --version 2.3.1
+  vmsynth create --base ubuntu-22.04@2.3.1 --disk app.qcow2 -o app.vmo
+  vmsynth verify app.vmo --base ubuntu-22.04@2.3.1 --max-size 250M
+  vmsynth apply app.vmo --base ubuntu-22.04@2.3.1 -o synth.qcow2
+
+Exit codes: 0 ok, 1 internal error, 2 usage, 10 base mismatch, 11 over budget,
+12 unsupported format, 13 corrupt overlay, 14 tool missing or failed,
+15 boot failed, 16 bad input, 17 cannot write output, 18 accelerator
+unavailable, 19 image check failed, 20 key missing or wrong, 21 base busy,
+22 memory snapshot incompatible or not possible, 129 hangup (SIGHUP),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vmsynth")
+@click.option("--debug", is_flag=True, envvar="VMSYNTH_DEBUG",
+              help="Show a traceback on internal errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """vmsynth: small, verified VM overlays for cloudlets.
+
+    An overlay is the difference between a cached base VM disk and a customized one.
+    Create it once, ship it, and rebuild the customized disk on any machine with the base.
+    """
+    ctx.obj = {"debug": debug}
+
+
+for module in (create, apply, verify, inspect, keygen):
+    cli.add_command(module.command)
+cli.add_command(base.group)
+for command in (boot.boot, boot.snapshot, boot.run, boot.check):
+    cli.add_command(command)
