@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Result
-from vmsynth.cli.main import EPILOG
+from vmsynth.cli.app import EPILOG
 from vmsynth.formats.layout import FRAME_HEAD_SIZE, HEADER, MAJOR
 
 from vmsynth import bases
@@ -705,7 +705,7 @@ def test_a_signal_during_the_session_scrub_waits_for_it(cli, small_pair, tmp_pat
     overlay.write_bytes(small_pair.multi)
     r = cli("run", overlay, "--base", small_pair.base_path, "--kernel", tmp_path / "no-kernel",
             "--vnc", "none", "--accel", "tcg")
-    assert r.code == 130, r.err
+    assert r.code == 143, r.err  # 128 + SIGTERM
     assert "disk.qcow2" in scrubbed
     assert list((vmsynth_home / "sessions").iterdir()) == []
 

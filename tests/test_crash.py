@@ -282,9 +282,9 @@ def test_leftovers_of_a_live_process_are_kept(big, h, tmp_path):
     """Only dead processes' leftovers are removed: a temporary file named with a live PID
     (here: this test's own) belongs to a run still in progress."""
     out = tmp_path / "synth.qcow2"
-    mine = tmp_path / f".synth.qcow2.{os.getpid()}.inprogress.tmp"
+    mine = tmp_path / f".synth.qcow2.{os.getpid()}.vmsynthinprogress.tmp"
     mine.write_bytes(b"partial")
-    dead = tmp_path / f".synth.qcow2.{h.dead_pid()}.gone.tmp"
+    dead = tmp_path / f".synth.qcow2.{h.dead_pid()}.vmsynthgone.tmp"
     dead.write_bytes(b"stale")
     run_full(h.VMSYNTH, "apply", big.overlay, "--base", big.base, "-o", out)
     assert mine.read_bytes() == b"partial"

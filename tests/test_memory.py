@@ -313,7 +313,7 @@ def test_apply_never_overwrites_the_base_memory(cli, small_pair, pair, cached, t
     before = pair.base_vmem.read_bytes()
     r = cli("apply", overlay, "--base", cached, "-o", tmp_path / "s.qcow2", "--memory-output",
             pair.base_vmem)
-    assert r.code == ExitCode.USAGE and "file of the base" in r.err
+    assert r.code == ExitCode.USAGE and "is the base's memory snapshot" in r.err
     assert pair.base_vmem.read_bytes() == before
 
 

@@ -715,8 +715,8 @@ def test_a_signal_stops_the_vm_and_cleans_up(bench, images, h, sig):
     assert run_dir.is_dir()
     vm.send(sig)
     r = vm.finish()
-    line = assert_one_line_error(r, ExitCode.INTERRUPTED)
-    assert "interrupted" in line
+    line = assert_one_line_error(r, 128 + sig)  # 130 for Ctrl-C, 143 for SIGTERM
+    assert ("interrupted" if sig == signal.SIGINT else "stopped by SIGTERM") in line
     assert_gone(h, pid)
     assert not run_dir.exists()
     bench.assert_clean()
@@ -887,7 +887,7 @@ def test_resume_continues_at_the_next_tick(bench, snapshots, h):
     assert lines[0] == f"tick {n + 1}", lines[:5]
     assert "VMSYNTH-READY" not in lines and not any("Linux version" in ln for ln in lines)
     vm.send(signal.SIGTERM)
-    assert vm.finish().code == ExitCode.INTERRUPTED
+    assert vm.finish().code == ExitCode.TERMINATED
     bench.assert_clean()
 
 
@@ -923,7 +923,7 @@ def test_run_resumes_an_overlay_with_memory(bench, snapshots, vmsynth_home):
     assert first == f"tick {n + 1}"
     sessions = Path(snapshots.env["VMSYNTH_HOME"]) / "sessions"
     vm.send(signal.SIGTERM)
-    assert vm.finish().code == ExitCode.INTERRUPTED
+    assert vm.finish().code == ExitCode.TERMINATED
     assert list(sessions.iterdir()) == [], "the session (disk and memory) is scrubbed"
     bench.assert_clean()
 
@@ -966,7 +966,7 @@ def test_a_resumed_vm_cannot_be_snapshotted_again(bench, snapshots):
     assert "not shared" in line
     assert not (bench.tmp / "again.vmem").exists()
     vm.send(signal.SIGTERM)
-    assert vm.finish().code == ExitCode.INTERRUPTED
+    assert vm.finish().code == ExitCode.TERMINATED
     bench.assert_clean()
 
 
