@@ -6,7 +6,7 @@ import click
 
 from vmsynth import __version__
 
-from . import apply, base, boot, create, inspect, keygen, verify
+from . import apply, base, boot, check, create, inspect, keygen, run, snapshot, verify
 
 EPILOG = """\b
 Examples:
@@ -19,8 +19,9 @@ Exit codes: 0 ok, 1 internal error, 2 usage, 10 base mismatch, 11 over budget,
 12 unsupported format, 13 corrupt overlay, 14 tool missing or failed,
 15 boot failed, 16 bad input, 17 cannot write output, 18 accelerator
 unavailable, 19 image check failed, 20 key missing or wrong, 21 base busy,
-22 memory snapshot incompatible or not possible, 129 hangup (SIGHUP),
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
+22 memory snapshot incompatible or not possible, 23 QEMU refused a command
+(QMP), 24 damaged memory snapshot, 129 hangup (SIGHUP), 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM)."""
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,8 +38,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-for module in (create, apply, verify, inspect, keygen):
+# One command per module, each named `command` (base is a group of subcommands).
+for module in (create, apply, verify, inspect, base, keygen, boot, snapshot, run, check):
     cli.add_command(module.command)
-cli.add_command(base.group)
-for command in (boot.boot, boot.snapshot, boot.run, boot.check):
-    cli.add_command(command)

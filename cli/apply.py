@@ -14,7 +14,6 @@ from vmsynth.source import open_source
 from vmsynth.store import Inputs
 
 from . import console
-from .boot import print_check
 from .options import (
     base_option,
     json_option,
@@ -88,4 +87,4 @@ def command(overlay: str, base_spec: str, output: str, memory_output: str | None
                           f"({console.human(report.memory.ram_size)} RAM); resume it with "
                           f"`vmsynth boot {output} --resume {report.memory.path}`")
     if checked:
-        print_check(checked)
+        console.print_check(checked)

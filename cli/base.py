@@ -19,7 +19,7 @@ Examples:
   vmsynth base add ubuntu.qcow2 --name ubuntu-22.04 --version 2.3.1
   vmsynth base list
   vmsynth base rm ubuntu-22.04@2.3.1""")
-def group() -> None:
+def command() -> None:
     """Manage the base cache ($VMSYNTH_HOME, default ~/.cache/vmsynth).
 
     The cache records each base's identity (name, version, virtual size, SHA-256 of its
@@ -27,7 +27,7 @@ def group() -> None:
     """
 
 
-@group.command("add", epilog="""\b
+@command.command("add", epilog="""\b
 Examples:
   vmsynth base add ubuntu.qcow2 --name ubuntu-22.04 --version 2.3.1
   vmsynth base add /srv/bases/debian12.qcow2 --name debian --version 12.5 --json
@@ -57,7 +57,7 @@ def add(image: str, name: str, version: str, memory: str | None, as_json: bool) 
                           f"QEMU {m.qemu_version}, {ident.memory.digest}")
 
 
-@group.command("list", epilog="""\b
+@command.command("list", epilog="""\b
 Examples:
   vmsynth base list
   vmsynth base list --json | jq -r '.[].name'""")
@@ -85,7 +85,7 @@ def list_(as_json: bool) -> None:
     console.out.print(table)
 
 
-@group.command("rm", epilog="""\b
+@command.command("rm", epilog="""\b
 Examples:
   vmsynth base rm ubuntu-22.04@2.3.1""")
 @click.argument("spec", metavar="NAME@VERSION")

@@ -20,6 +20,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from vmsynth.guest import CheckReport
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -83,3 +85,17 @@ def advancing(description: str, total: int, enabled: bool = True
             update(done, max(total, done))
 
         yield advance
+
+
+def print_check(report: CheckReport) -> None:
+    """What `check` (and `apply --check`) found, a line per filesystem and guest OS."""
+    for f in report.filesystems:
+        out.print(f"{report.image}: {f.device} {f.fstype}: {f.status}")
+    for o in report.operating_systems or [{}]:
+        if not o:
+            out.print(f"{report.image}: no operating system found on the disk "
+                              "(fine for a data disk or a direct-kernel guest)")
+            continue
+        version = ".".join(str(o[k]) for k in ("major", "minor") if o.get(k) is not None)
+        out.print(f"{report.image}: {o.get('type')} {o.get('distro')} {version} "
+                          f"({o.get('product')}), hostname {o.get('hostname')}")

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = _run(sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt as exc:  # while the modules below were still loading
-        code = _report("interrupted", None, _signal_code(exc), "Interrupted", False)
+        code = _report("interrupted", None, _signal_code(exc), False)
     sys.exit(code)
 
 
@@ -42,7 +42,7 @@ def _run(args: list[str]) -> int:
 def _invoke(args: list[str], as_json: bool, debug: bool) -> int:
     import click
 
-    from vmsynth.errors import ExitCode, VmsynthError
+    from vmsynth.errors import ExitCode, exit_code, is_user_error
 
     from .app import cli
 
@@ -59,27 +59,24 @@ def _invoke(args: list[str], as_json: bool, debug: bool) -> int:
         return ExitCode.USAGE
     except click.UsageError as exc:
         where = f"vmsynth {exc.ctx.command_path.partition(' ')[2]}".strip() if exc.ctx else "vmsynth"
-        return _report(exc.format_message(), f"see `{where} --help`", ExitCode.USAGE,
-                       "UsageError", as_json)
+        return _report(exc.format_message(), f"see `{where} --help`", ExitCode.USAGE, as_json)
     except click.Abort:
         raise KeyboardInterrupt from None
     except click.ClickException as exc:
-        return _report(exc.format_message(), None, exc.exit_code, type(exc).__name__, as_json)
-    except VmsynthError as exc:
-        return _report(str(exc), exc.hint, exc.exit_code, type(exc).__name__, as_json)
+        return _report(exc.format_message(), None, exc.exit_code, as_json)
     except BrokenPipeError:  # a reader such as `head` stopped early: not a bug
         _quiet_stdout()
         return _report("standard output was closed before everything was written (the "
-                       "program reading it stopped early)", None, ExitCode.WRITE_FAILED,
-                       "WriteError", False)
-    except Exception as exc:  # noqa: BLE001 (a bug: say so plainly, traceback only when asked)
+                       "program reading it stopped early)", None, ExitCode.WRITE_FAILED, False)
+    except Exception as exc:  # noqa: BLE001 (one place decides: the user's error, or a bug)
+        if is_user_error(exc):
+            return _report(str(exc), getattr(exc, "hint", None), exit_code(exc), as_json)
         if debug:
             import traceback
 
             traceback.print_exc()
         return _report(f"internal error: {type(exc).__name__}: {exc}",
-                       "rerun with --debug and report it", ExitCode.ERROR, "InternalError",
-                       as_json)
+                       "rerun with --debug and report it", ExitCode.ERROR, as_json)
 
 
 def _signal_code(exc: KeyboardInterrupt) -> int:
@@ -93,7 +90,7 @@ def _interrupted(exc: KeyboardInterrupt, completed: list[object], as_json: bool)
     if completed:  # say what is true: these had been finished before the signal came
         what += f" after {' and '.join(map(str, completed))} " + \
             ("were" if len(completed) > 1 else "was") + " complete"
-    return _report(what, None, code, "Interrupted", as_json)
+    return _report(what, None, code, as_json)
 
 
 def _quiet_stdout() -> None:
@@ -108,10 +105,18 @@ def _quiet_stdout() -> None:
         pass
 
 
-def _report(message: str, hint: str | None, code: int, kind: str, as_json: bool) -> int:
+def _report(message: str, hint: str | None, code: int, as_json: bool) -> int:
+    """One line on standard error; with --json, also {"ok": false, "error": {...}} on
+    standard output, whose `kind` names the exit code (corrupt, base_mismatch, ...)."""
     import json
 
+    from vmsynth.errors import ExitCode
     from vmsynth.source import redact
+
+    try:
+        kind = ExitCode(code).name.lower()
+    except ValueError:  # a click exit code of its own
+        kind = "error"
 
     message, hint = redact(message), redact(hint) if hint else None
     line = f"error: {message}" + (f" ({hint})" if hint else "")

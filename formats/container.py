@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from vmsynth.errors import CorruptOverlayError, UnsupportedFormatError, WrongKeyError
-
+from .errors import CorruptError, UnsupportedError, WrongKeyError
 from .frames import EncodedFrame, FrameHead, parse_frame_head
 from .layout import (
     DIGEST_SIZE,
@@ -140,7 +139,7 @@ def _read_exact(stream: BinaryIO, n: int, offset: int, what: str) -> bytes:
     while need:
         chunk = stream.read(need)
         if not chunk:
-            raise CorruptOverlayError(f"overlay is truncated: {what} at byte {offset} is cut short",
+            raise CorruptError(f"overlay is truncated: {what} at byte {offset} is cut short",
                                       hint="the file was not completely copied; fetch it again")
         chunks.append(chunk)
         need -= len(chunk)
@@ -162,25 +161,25 @@ def _read_upto(stream: BinaryIO, n: int) -> bytes:
 def parse_header(stream: BinaryIO) -> Header:
     first = _read_upto(stream, HEADER.size)
     if len(first) < len(MAGIC) or first[: len(MAGIC)] != MAGIC:
-        raise CorruptOverlayError("not a vmsynth overlay (bad magic)",
+        raise CorruptError("not a vmsynth overlay (bad magic)",
                                   hint="check the file name; overlays are made by `vmsynth create`")
     if len(first) < HEADER.size:
-        raise CorruptOverlayError("overlay is truncated inside its header")
+        raise CorruptError("overlay is truncated inside its header")
     _, major, minor, length, incompat, compat, manifest_len, _ = HEADER.unpack(first)
     if major != MAJOR:
-        raise UnsupportedFormatError(
+        raise UnsupportedError(
             f"overlay format version {major}.{minor} is not supported (this vmsynth reads {MAJOR}.x)",
             hint="upgrade vmsynth" if major > MAJOR else None)
     if not HEADER.size + DIGEST_SIZE <= length <= MAX_HEADER or \
             manifest_len != length - HEADER.size - DIGEST_SIZE:
-        raise CorruptOverlayError(f"overlay header declares an impossible length {length}")
+        raise CorruptError(f"overlay header declares an impossible length {length}")
     rest = _read_exact(stream, length - HEADER.size, HEADER.size, "the header")
     body, digest = rest[:-DIGEST_SIZE], rest[-DIGEST_SIZE:]
     if hashlib.sha256(first + body).digest() != digest:
-        raise CorruptOverlayError("overlay header digest mismatch (the header is damaged)")
+        raise CorruptError("overlay header digest mismatch (the header is damaged)")
     unknown = incompat & ~int(KNOWN_INCOMPAT)
     if unknown:
-        raise UnsupportedFormatError(f"overlay needs features this vmsynth lacks (bits {unknown:#x})",
+        raise UnsupportedError(f"overlay needs features this vmsynth lacks (bits {unknown:#x})",
                                      hint="upgrade vmsynth")
     return Header(major, minor, incompat, compat, _json_object(body, "manifest"), length, digest)
 
@@ -190,24 +189,24 @@ def _parse_footer(tail: bytes, summary_offset: int, file_length: int, sealed: bo
     body, trailer = tail[: -TRAILER.size], tail[-TRAILER.size:]
     magic, s_off, i_off, length, digest = TRAILER.unpack(trailer)
     if magic != TRAILER_MAGIC:
-        raise CorruptOverlayError("overlay trailer is missing or damaged (truncated file?)")
+        raise CorruptError("overlay trailer is missing or damaged (truncated file?)")
     if (s_off, length) != (summary_offset, file_length):
-        raise CorruptOverlayError("overlay trailer disagrees with the file's layout")
+        raise CorruptError("overlay trailer disagrees with the file's layout")
     if hashlib.sha256(body + trailer[:-DIGEST_SIZE]).digest() != digest:
-        raise CorruptOverlayError("overlay summary/index digest mismatch (the end is damaged)")
+        raise CorruptError("overlay summary/index digest mismatch (the end is damaged)")
     if len(body) < 2 * SECTION.size:
-        raise CorruptOverlayError("overlay summary and index are cut short")
+        raise CorruptError("overlay summary and index are cut short")
     tag, summary_len = SECTION.unpack_from(body, 0)
     if tag != SUMMARY_TAG or 2 * SECTION.size + summary_len > len(body) or \
             i_off != s_off + SECTION.size + summary_len:
-        raise CorruptOverlayError("overlay summary section is malformed")
+        raise CorruptError("overlay summary section is malformed")
     summary_bytes = body[SECTION.size: SECTION.size + summary_len]
     summary = None if sealed else _json_object(summary_bytes, "summary")
     pos = SECTION.size + summary_len
     tag, count = SECTION.unpack_from(body, pos)
     pos += SECTION.size
     if tag != INDEX_TAG or pos + count * INDEX_ENTRY.size != len(body):
-        raise CorruptOverlayError("overlay index section is malformed")
+        raise CorruptError("overlay index section is malformed")
     index = []
     for off, stored, raw, recs, stream, codec, _, start, end, dg in INDEX_ENTRY.iter_unpack(
             body[pos:]):
@@ -219,9 +218,9 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
     except ValueError as err:
-        raise CorruptOverlayError(f"overlay {what} is not valid JSON: {err}") from err
+        raise CorruptError(f"overlay {what} is not valid JSON: {err}") from err
     if not isinstance(value, dict):
-        raise CorruptOverlayError(f"overlay {what} is not a JSON object")
+        raise CorruptError(f"overlay {what} is not a JSON object")
     return value
 
 
@@ -239,14 +238,14 @@ def read_footer(f: BinaryIO, sealed: bool = False) -> Footer:
     """Read summary and index from the end of a seekable overlay, without reading frames."""
     size = f.seek(0, 2)
     if size < TRAILER.size:
-        raise CorruptOverlayError("overlay is truncated (no trailer)")
+        raise CorruptError("overlay is truncated (no trailer)")
     f.seek(size - TRAILER.size)
     magic, s_off, _, length, _ = TRAILER.unpack(f.read(TRAILER.size))
     if magic != TRAILER_MAGIC or length != size:
-        raise CorruptOverlayError("overlay is truncated or has trailing bytes (trailer not found)",
+        raise CorruptError("overlay is truncated or has trailing bytes (trailer not found)",
                                   hint="the file was not completely copied; fetch it again")
     if not 0 < s_off < size - TRAILER.size or size - s_off > MAX_SUMMARY + (64 << 20):
-        raise CorruptOverlayError("overlay trailer points outside the file")
+        raise CorruptError("overlay trailer points outside the file")
     f.seek(s_off)
     return _parse_footer(f.read(size - s_off), s_off, size, sealed)
 
@@ -279,7 +278,7 @@ class OverlayStream:
                                    "a frame header")
                 head = parse_frame_head(tag + rest[: FRAME.size - 4], rest[FRAME.size - 4:])
                 if head.seq != len(seen):
-                    raise CorruptOverlayError(f"frame {len(seen)} is out of order "
+                    raise CorruptError(f"frame {len(seen)} is out of order "
                                               f"(found frame {head.seq})")
                 offset = self._offset
                 stored = _read_exact(self.stream, head.stored_length, offset, f"frame {head.seq}")
@@ -290,24 +289,24 @@ class OverlayStream:
                 self.footer = self._read_tail(tag, seen)
                 return
             else:
-                raise CorruptOverlayError(f"unexpected bytes at offset {self._offset} "
+                raise CorruptError(f"unexpected bytes at offset {self._offset} "
                                           f"(tag {tag!r}): the overlay is damaged")
 
     def _read_tail(self, tag: bytes, seen: list[tuple[int, FrameHead]]) -> Footer:
         start = self._offset
         (summary_len,) = SECTION.unpack(tag + _read_exact(self.stream, 4, start, "summary"))[1:]
         if summary_len > MAX_SUMMARY:
-            raise CorruptOverlayError("overlay summary declares an impossible size")
+            raise CorruptError("overlay summary declares an impossible size")
         summary = _read_exact(self.stream, summary_len, start, "the summary")
         index_head = _read_exact(self.stream, SECTION.size, start, "the index")
         itag, count = SECTION.unpack(index_head)
         if itag != INDEX_TAG or count != len(seen):
-            raise CorruptOverlayError(f"overlay index lists {count} frames, the file holds "
+            raise CorruptError(f"overlay index lists {count} frames, the file holds "
                                       f"{len(seen)}")
         entries = _read_exact(self.stream, count * INDEX_ENTRY.size, start, "the index")
         trailer = _read_exact(self.stream, TRAILER.size, start, "the trailer")
         if self.stream.read(1):
-            raise CorruptOverlayError("overlay has unexpected bytes after its trailer")
+            raise CorruptError("overlay has unexpected bytes after its trailer")
         tail = SECTION.pack(tag, summary_len) + summary + index_head + entries + trailer
         footer = _parse_footer(tail, start, start + len(tail), self.header.encrypted)
         for entry, (offset, head) in zip(footer.index, seen, strict=True):
@@ -315,5 +314,5 @@ class OverlayStream:
                     entry.record_count, entry.stream, entry.codec) != \
                     (offset, head.digest, head.stored_length, head.raw_length,
                      head.record_count, head.stream, head.codec):
-                raise CorruptOverlayError(f"overlay index disagrees with frame {head.seq}")
+                raise CorruptError(f"overlay index disagrees with frame {head.seq}")
         return footer

@@ -16,8 +16,7 @@ from typing import NamedTuple
 
 import zstandard
 
-from vmsynth.errors import CorruptOverlayError, UnsupportedFormatError
-
+from .errors import CorruptError, UnsupportedError
 from .layout import (
     FRAME,
     FRAME_ENCRYPTED,
@@ -128,7 +127,7 @@ class SolidDecompressor:
                     parts.append(part)
                     size += len(part)
             except _Dry:
-                raise CorruptOverlayError(f"frame {seq}: decompresses to less than the "
+                raise CorruptError(f"frame {seq}: decompresses to less than the "
                                           f"{raw_length} bytes it declares") from None
             # One byte more, with only an empty block as further input, must find nothing:
             # the decoder may hold input it took but has not yet put out.
@@ -141,10 +140,10 @@ class SolidDecompressor:
                     pass
             if not more:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
-            raise CorruptOverlayError(f"frame {seq}: decompresses to more than the "
+            raise CorruptError(f"frame {seq}: decompresses to more than the "
                                       f"{raw_length} bytes it declares")
         except zstandard.ZstdError as err:
-            raise CorruptOverlayError(f"frame {seq}: cannot decompress: {err}") from err
+            raise CorruptError(f"frame {seq}: cannot decompress: {err}") from err
 
 
 def encode_frame(seq: int, stream: Stream, records: Sequence[Record], data: Sequence[bytes],
@@ -176,23 +175,23 @@ def parse_frame_head(head_bytes: bytes, digest: bytes) -> FrameHead:
     """Check a frame header's declared sizes before anything is allocated for it."""
     tag, stream, codec, flags, seq, count, stored, raw = FRAME.unpack(head_bytes)
     if tag != FRAME_TAG:
-        raise CorruptOverlayError(f"bad frame tag {tag!r}")
+        raise CorruptError(f"bad frame tag {tag!r}")
     if flags & ~KNOWN_FRAME_FLAGS:
-        raise UnsupportedFormatError(f"frame {seq} uses unknown flags {flags:#x}",
+        raise UnsupportedError(f"frame {seq} uses unknown flags {flags:#x}",
                                      hint="upgrade vmsynth to read this overlay")
     if stream not in Stream.__members__.values():
-        raise UnsupportedFormatError(f"frame {seq} belongs to unknown stream {stream}")
+        raise UnsupportedError(f"frame {seq} belongs to unknown stream {stream}")
     if codec not in Codec.__members__.values():
-        raise UnsupportedFormatError(f"frame {seq} uses unknown codec {codec}")
+        raise UnsupportedError(f"frame {seq} uses unknown codec {codec}")
     if raw > MAX_FRAME_RAW or count > MAX_FRAME_RECORDS or count * RECORD.size > raw:
-        raise CorruptOverlayError(f"frame {seq} declares impossible sizes "
+        raise CorruptError(f"frame {seq} declares impossible sizes "
                                   f"(raw {raw}, records {count})")
     overhead = TAG_SIZE if flags & FRAME_ENCRYPTED else 0
     if codec == Codec.STORED and stored != raw + overhead:
-        raise CorruptOverlayError(f"frame {seq}: stored size {stored} does not match raw size "
+        raise CorruptError(f"frame {seq}: stored size {stored} does not match raw size "
                                   f"{raw}")
     if stored > raw + (raw >> 7) + 1024:  # more than zstd's worst-case expansion
-        raise CorruptOverlayError(f"frame {seq} declares a stored size larger than possible")
+        raise CorruptError(f"frame {seq} declares a stored size larger than possible")
     return FrameHead(stream, codec, flags, seq, count, stored, raw, digest)
 
 
@@ -204,25 +203,25 @@ def decode_payload(head: FrameHead, stored: bytes, sealer: Sealer | None = None,
     of a solid one (and then every frame, in file order).
     """
     if hashlib.sha256(head.packed + stored).digest() != head.digest:
-        raise CorruptOverlayError(f"frame {head.seq}: digest mismatch (the overlay is damaged)")
+        raise CorruptError(f"frame {head.seq}: digest mismatch (the overlay is damaged)")
     if bool(head.flags & FRAME_ENCRYPTED) != (sealer is not None):
-        raise CorruptOverlayError(f"frame {head.seq} is {'' if sealer is None else 'not '}"
+        raise CorruptError(f"frame {head.seq} is {'' if sealer is None else 'not '}"
                                   "encrypted, unlike the overlay's header says")
     if sealer is not None:
         stored = sealer.open_frame(head.packed, head.seq, stored)
     if solid is not None:
         if head.codec != Codec.ZSTD:
-            raise CorruptOverlayError(f"frame {head.seq} of a solid overlay is not compressed")
+            raise CorruptError(f"frame {head.seq} of a solid overlay is not compressed")
         raw = solid.decompress(head.seq, stored, head.raw_length)
     elif head.codec == Codec.ZSTD:
         try:
             raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=head.raw_length)
         except zstandard.ZstdError as err:
-            raise CorruptOverlayError(f"frame {head.seq}: cannot decompress: {err}") from err
+            raise CorruptError(f"frame {head.seq}: cannot decompress: {err}") from err
     else:
         raw = stored
     if len(raw) != head.raw_length:
-        raise CorruptOverlayError(f"frame {head.seq}: decompressed to {len(raw)} bytes, "
+        raise CorruptError(f"frame {head.seq}: decompressed to {len(raw)} bytes, "
                                   f"expected {head.raw_length}")
     view = memoryview(raw)
     table_size = head.record_count * RECORD.size
@@ -232,10 +231,10 @@ def decode_payload(head: FrameHead, stored: bytes, sealer: Sealer | None = None,
         try:
             kind = Kind(kind)
         except ValueError:
-            raise UnsupportedFormatError(f"frame {head.seq}: unknown record kind {kind}") from None
+            raise UnsupportedError(f"frame {head.seq}: unknown record kind {kind}") from None
         records.append(Record(kind, target, length, source, stored_len))
         data_total += stored_len
     if data_total != head.raw_length - table_size:
-        raise CorruptOverlayError(f"frame {head.seq}: records claim {data_total} data bytes, "
+        raise CorruptError(f"frame {head.seq}: records claim {data_total} data bytes, "
                                   f"frame holds {head.raw_length - table_size}")
     return records, view[table_size:]

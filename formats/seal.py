@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from vmsynth.errors import CorruptOverlayError, UnsupportedFormatError, WrongKeyError
+from .errors import CorruptError, UnsupportedError, WrongKeyError
 
 CIPHER = "aes-256-gcm"
 TAG_SIZE = 16
@@ -41,10 +41,10 @@ def master_from_passphrase(passphrase: str, kdf: dict[str, Any]) -> bytes:
         salt = bytes.fromhex(kdf["salt"])
         n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
     except (KeyError, TypeError, ValueError, OverflowError) as err:
-        raise CorruptOverlayError(f"overlay's key derivation parameters are malformed ({err})")
+        raise CorruptError(f"overlay's key derivation parameters are malformed ({err})")
     if not (2 <= n <= SCRYPT_LIMITS["n"] and n & (n - 1) == 0 and 1 <= r <= SCRYPT_LIMITS["r"]
             and 1 <= p <= SCRYPT_LIMITS["p"] and len(salt) >= 16):
-        raise UnsupportedFormatError("overlay asks for scrypt parameters outside the limits "
+        raise UnsupportedError("overlay asks for scrypt parameters outside the limits "
                                      "this vmsynth accepts")
     return Scrypt(salt=salt, length=KEY_SIZE, n=n, r=r, p=p).derive(passphrase.encode())
 
@@ -72,7 +72,7 @@ class Sealer:
         try:
             return self._aead.decrypt(self._nonce(seq), sealed, self._header_digest + head_bytes)
         except InvalidTag:
-            raise CorruptOverlayError(f"frame {seq} fails authentication (tampered with, or "
+            raise CorruptError(f"frame {seq} fails authentication (tampered with, or "
                                       "moved from another overlay)") from None
 
     def seal_summary(self, body: bytes, frames: int) -> bytes:
@@ -84,7 +84,7 @@ class Sealer:
         try:
             return self._aead.decrypt(_SUMMARY_NONCE, sealed, aad)
         except InvalidTag:
-            raise CorruptOverlayError("overlay summary fails authentication (frames were "
+            raise CorruptError("overlay summary fails authentication (frames were "
                                       "added, dropped or altered)") from None
 
 
@@ -97,14 +97,14 @@ def open_sealer(encryption: dict[str, Any], header_digest: bytes, key_file: byte
     """
     try:
         if encryption["cipher"] != CIPHER:
-            raise UnsupportedFormatError(f"unknown cipher {encryption['cipher']!r}")
+            raise UnsupportedError(f"unknown cipher {encryption['cipher']!r}")
         file_id = bytes.fromhex(encryption["file_id"])
         kdf = dict(encryption["kdf"])
         check = encryption["key_check"]
         if not isinstance(check, str) or not check.isascii():
             raise ValueError("key_check is not a hex string")
     except (KeyError, TypeError, ValueError) as err:
-        raise CorruptOverlayError(f"overlay's encryption block is malformed ({err})") from err
+        raise CorruptError(f"overlay's encryption block is malformed ({err})") from err
     if kdf.get("name") == "scrypt":
         if passphrase is None:
             raise WrongKeyError("overlay is encrypted with a passphrase and none was given",
@@ -116,7 +116,7 @@ def open_sealer(encryption: dict[str, Any], header_digest: bytes, key_file: byte
                                 hint="pass --key-file FILE")
         master = key_file
     else:
-        raise UnsupportedFormatError(f"unknown key derivation {kdf.get('name')!r}")
+        raise UnsupportedError(f"unknown key derivation {kdf.get('name')!r}")
     if not hmac.compare_digest(Sealer.key_check(master, file_id), check):
         raise WrongKeyError("wrong key for this overlay" if kdf["name"] == "none"
                             else "wrong passphrase for this overlay")

@@ -19,6 +19,7 @@ from vmsynth.formats.container import (
     parse_header,
     read_footer,
 )
+from vmsynth.formats.errors import CorruptError, FormatError, UnsupportedError
 from vmsynth.formats.frames import (
     Record,
     SolidCompressor,
@@ -52,11 +53,11 @@ from vmsynth.formats.layout import (
 )
 
 from vmsynth import bases
-from vmsynth.errors import CorruptOverlayError, UnsupportedFormatError, VmsynthError
+from vmsynth.errors import VmsynthError
 from vmsynth.verify import describe, verify
 
 U64 = st.integers(0, 2**64 - 1)
-REJECT = (CorruptOverlayError, UnsupportedFormatError)
+REJECT = (CorruptError, UnsupportedError)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -97,7 +98,7 @@ def data_record(target: int, payload: bytes) -> tuple[Record, bytes]:
     return Record(Kind.DATA, target, len(payload), 0, len(payload)), payload
 
 
-def check_rejected(data: bytes, error: type[Exception] = CorruptOverlayError) -> Exception:
+def check_rejected(data: bytes, error: type[Exception] = CorruptError) -> Exception:
     """The streaming reader (verify) refuses `data` with exactly `error`."""
     with pytest.raises(error) as info:
         verify(io.BytesIO(data))
@@ -178,7 +179,7 @@ def test_payload_bit_flip_is_a_digest_mismatch():
         damaged[pos] ^= 0x10
         head_bytes, digest, stored = split_blob(bytes(damaged))
         head = parse_frame_head(head_bytes, digest)  # the head itself is intact
-        with pytest.raises(CorruptOverlayError, match="digest"):
+        with pytest.raises(CorruptError, match="digest"):
             decode_payload(head, stored)
 
 
@@ -200,28 +201,28 @@ def frame_head_bytes(**kw) -> bytes:
 ], ids=["raw>max", "raw=4G", "zstd-raw=4G", "records>max", "records>raw", "stored!=raw",
         "zstd-stored>bound", "tag"])
 def test_impossible_frame_sizes_are_refused(kw):
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         parse_frame_head(frame_head_bytes(**kw), bytes(DIGEST_SIZE))
 
 
 @pytest.mark.parametrize("kw", [{"flags": 2}, {"flags": 0x8000}, {"codec": 7},
                                 {"stream": 9}])
 def test_unknown_frame_features_are_unsupported(kw):
-    with pytest.raises(UnsupportedFormatError):
+    with pytest.raises(UnsupportedError):
         parse_frame_head(frame_head_bytes(**kw), bytes(DIGEST_SIZE))
 
 
 def test_unknown_record_kind_is_unsupported():
     bogus = Record(9, 0, 4096, 0, 0)  # type: ignore[arg-type]
     blob = encode_frame(0, Stream.DISK, [bogus], [b""], None).blob
-    with pytest.raises(UnsupportedFormatError):
+    with pytest.raises(UnsupportedError):
         decode_blob(blob)
 
 
 def test_records_claiming_more_data_than_the_frame_holds_are_corrupt():
     rec = Record(Kind.DATA, 0, 100, 0, 100)
     blob = encode_frame(0, Stream.DISK, [rec], [b"x" * 60], None).blob  # 40 bytes short
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         decode_blob(blob)
 
 
@@ -232,7 +233,7 @@ def test_decompression_bomb_is_refused():
     bomb = zstandard.ZstdCompressor(level=3).compress(raw + bytes(16 << 20))
     head = FRAME.pack(FRAME_TAG, 0, Codec.ZSTD, 0, 0, 1, len(bomb), len(raw))
     blob = head + hashlib.sha256(head + bomb).digest() + bomb
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         decode_blob(blob)
 
 
@@ -280,7 +281,7 @@ def test_solid_frames_find_repeats_in_earlier_frames():
 def test_a_solid_frame_without_the_ones_before_it_is_refused():
     blobs = solid_blobs(text_frames(3))
     for blob in blobs[1:]:
-        with pytest.raises(CorruptOverlayError):
+        with pytest.raises(CorruptError):
             decode_solid(blob, SolidDecompressor())
 
 
@@ -291,7 +292,7 @@ def test_a_solid_frame_must_decode_to_exactly_its_raw_length(delta):
     fields[7] += delta  # raw_length
     head = FRAME.pack(*fields)
     stored = blob[FRAME_HEAD_SIZE:]
-    with pytest.raises(CorruptOverlayError, match="less than" if delta > 0 else "more than"):
+    with pytest.raises(CorruptError, match="less than" if delta > 0 else "more than"):
         decode_payload(parse_frame_head(head, hashlib.sha256(head + stored).digest()), stored,
                        None, SolidDecompressor())
 
@@ -299,7 +300,7 @@ def test_a_solid_frame_must_decode_to_exactly_its_raw_length(delta):
 def test_a_solid_bomb_is_refused_without_inflating_it():
     """A piece that inflates to 64 MiB stops at the declared size (here 1 KiB)."""
     bomb = SolidCompressor(3).compress(bytes(64 << 20))
-    with pytest.raises(CorruptOverlayError, match="more than"):
+    with pytest.raises(CorruptError, match="more than"):
         SolidDecompressor().decompress(0, bomb, 1024)
 
 
@@ -307,7 +308,7 @@ def test_a_solid_window_beyond_the_limit_is_refused():
     params = zstandard.ZstdCompressionParameters.from_level(3, window_log=28)
     stream = zstandard.ZstdCompressor(compression_params=params).compressobj()
     piece = stream.compress(b"x" * 1000) + stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-    with pytest.raises(CorruptOverlayError, match="memory"):
+    with pytest.raises(CorruptError, match="memory"):
         SolidDecompressor().decompress(0, piece, 1000)
 
 
@@ -422,7 +423,7 @@ def test_real_overlays_verify(small_pair):
 def test_bad_magic(small_pair, pos):
     damaged = bytearray(small_pair.overlay)
     damaged[pos] ^= 0x20
-    with pytest.raises(CorruptOverlayError, match="magic"):
+    with pytest.raises(CorruptError, match="magic"):
         parse_header(io.BytesIO(bytes(damaged)))
     check_rejected(bytes(damaged))
 
@@ -430,7 +431,7 @@ def test_bad_magic(small_pair, pos):
 @pytest.mark.parametrize("content", [b"", b"\x89", b"hello world\n" * 10, b"QFI\xfb" + bytes(200)],
                          ids=["empty", "one-byte", "text", "qcow2-like"])
 def test_not_an_overlay(content):
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         parse_header(io.BytesIO(content))
     check_rejected(content)
 
@@ -442,16 +443,16 @@ def test_a_qcow2_image_is_not_an_overlay(small_pair):
 def test_every_truncation_is_corrupt(small_pair):
     data = small_pair.multi
     for cut in range(len(data)):
-        with pytest.raises(CorruptOverlayError):
+        with pytest.raises(CorruptError):
             verify(io.BytesIO(data[:cut]))
-        with pytest.raises(CorruptOverlayError):
+        with pytest.raises(CorruptError):
             read_footer(io.BytesIO(data[:cut]))
 
 
 def test_truncation_message_says_truncated(small_pair):
     data = small_pair.multi
     for cut in (len(data) // 3, len(data) // 2, len(data) - 1):
-        with pytest.raises(CorruptOverlayError, match="truncated"):
+        with pytest.raises(CorruptError, match="truncated"):
             verify(io.BytesIO(data[:cut]))
 
 
@@ -461,7 +462,7 @@ def test_truncated_files_are_corrupt_for_inspect(small_pair, tmp_path):
                        len(data) - 1}):
         path = tmp_path / f"cut-{cut}.vmo"
         path.write_bytes(data[:cut])
-        with pytest.raises(CorruptOverlayError):
+        with pytest.raises(CorruptError):
             describe(path)
 
 
@@ -480,7 +481,7 @@ def test_bad_frame_digest_in_each_frame(small_pair, h):
     offset = HEADER.size + len(parts.manifest) + DIGEST_SIZE
     for f in parts.frames:
         middle = offset + FRAME_HEAD_SIZE + f.stored_length // 2
-        with pytest.raises(CorruptOverlayError, match="digest"):
+        with pytest.raises(CorruptError, match="digest"):
             verify(io.BytesIO(h.flip_bit(small_pair.multi, middle * 8 + 3)))
         offset += FRAME_HEAD_SIZE + f.stored_length
 
@@ -488,15 +489,15 @@ def test_bad_frame_digest_in_each_frame(small_pair, h):
 @pytest.mark.parametrize("major", [0, 2, 3, 255, 65535])
 def test_unknown_major_version_is_unsupported(small_pair, h, major):
     data = h.reheader(small_pair.overlay, major=major)
-    with pytest.raises(UnsupportedFormatError):
+    with pytest.raises(UnsupportedError):
         parse_header(io.BytesIO(data))
-    check_rejected(data, UnsupportedFormatError)
+    check_rejected(data, UnsupportedError)
 
 
 def test_unknown_major_version_is_unsupported_whatever_follows():
     """A future major version may lay its header out differently: only the version counts."""
     head = MAGIC + struct.pack("<HH", MAJOR + 1, 0) + b"\xff" * 200
-    with pytest.raises(UnsupportedFormatError):
+    with pytest.raises(UnsupportedError):
         parse_header(io.BytesIO(head))
 
 
@@ -509,9 +510,9 @@ def test_newer_minor_version_is_accepted(small_pair, h):
 @pytest.mark.parametrize("bit", [2, 5, 31, 32, 63])
 def test_unknown_incompat_bit_is_unsupported(small_pair, h, bit):
     data = h.reheader(small_pair.overlay, incompat=1 << bit)
-    with pytest.raises(UnsupportedFormatError):
+    with pytest.raises(UnsupportedError):
         parse_header(io.BytesIO(data))
-    check_rejected(data, UnsupportedFormatError)
+    check_rejected(data, UnsupportedError)
 
 
 @pytest.mark.parametrize("bit", [0, 17, 63])
@@ -525,7 +526,7 @@ def test_header_digest_mismatch(small_pair, h):
     parts = h.parse_parts(small_pair.overlay)
     data = bytearray(h.compose(parts))
     data[HEADER.size + 2] ^= 1  # inside the manifest
-    with pytest.raises(CorruptOverlayError, match="digest"):
+    with pytest.raises(CorruptError, match="digest"):
         parse_header(io.BytesIO(bytes(data)))
 
 
@@ -535,7 +536,7 @@ def test_impossible_header_length_is_refused_before_reading(small_pair, h, lengt
     data = bytearray(small_pair.overlay)
     struct.pack_into("<I", data, 12, length)
     reader = h.GuardedReader(bytes(data), limit=MAX_HEADER)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         parse_header(reader)
 
 
@@ -543,7 +544,7 @@ def test_manifest_length_must_match_header_length(small_pair):
     data = bytearray(small_pair.overlay)
     (mlen,) = struct.unpack_from("<I", data, 32)
     struct.pack_into("<I", data, 32, mlen - 1)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         parse_header(io.BytesIO(bytes(data)))
 
 
@@ -562,13 +563,13 @@ def test_manifest_missing_required_fields_is_corrupt(small_pair, h, drop):
 def test_manifest_with_an_unknown_stream_is_unsupported(small_pair, h):
     manifest = json.loads(h.parse_parts(small_pair.overlay).manifest)
     manifest["streams"].append({"id": 2, "kind": "gpu-state", "virtual_size": 4096})
-    check_rejected(h.reheader(small_pair.overlay, manifest=manifest), UnsupportedFormatError)
+    check_rejected(h.reheader(small_pair.overlay, manifest=manifest), UnsupportedError)
 
 
 def test_unknown_frame_flag_is_unsupported(small_pair, h):
     parts = h.parse_parts(small_pair.multi)
     parts.frames[1] = h.seal_frame(replace(parts.frames[1], flags=0x4))
-    check_rejected(h.compose(parts), UnsupportedFormatError)
+    check_rejected(h.compose(parts), UnsupportedError)
 
 
 def test_frames_out_of_order_are_corrupt(small_pair, h):
@@ -586,7 +587,7 @@ def test_frame_with_huge_raw_length_is_refused_before_allocation(small_pair, h):
         h.frame_head(parts.frames[0]) + f.payload).digest())
     data = h.compose(parts)
     reader = h.GuardedReader(data, limit=MAX_HEADER)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         verify(reader)
     assert reader.largest < 1 << 20
 
@@ -596,7 +597,7 @@ def test_huge_summary_length_is_refused_before_reading(small_pair, h):
     s_off = data.rindex(SUMMARY_TAG)
     struct.pack_into("<I", data, s_off + 4, 2**32 - 1)
     reader = h.GuardedReader(bytes(data), limit=MAX_SUMMARY)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         verify(reader)
 
 
@@ -606,7 +607,7 @@ def test_huge_index_count_is_refused_before_reading(small_pair, h):
     i_off = data.rindex(SUMMARY_TAG) + SECTION.size + len(parts.summary)
     struct.pack_into("<I", data, i_off + 4, 2**32 - 1)
     reader = h.GuardedReader(bytes(data), limit=1 << 20)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         verify(reader)
 
 
@@ -642,7 +643,7 @@ def test_trailer_disagrees_with_layout(small_pair, h, override):
     parts = h.parse_parts(small_pair.multi)
     data = h.compose(parts, trailer=override)
     check_rejected(data)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         read_footer(io.BytesIO(data))
 
 
@@ -650,7 +651,7 @@ def test_bad_trailer_magic(small_pair):
     data = bytearray(small_pair.overlay)
     data[-TRAILER.size] ^= 0xFF
     check_rejected(bytes(data))
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         read_footer(io.BytesIO(bytes(data)))
 
 
@@ -658,12 +659,12 @@ def test_bad_trailer_magic(small_pair):
 def test_trailing_garbage(small_pair, extra):
     data = small_pair.overlay + (small_pair.overlay if extra == "self" else extra)
     check_rejected(data)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         read_footer(io.BytesIO(data))
 
 
 # Footers with a valid digest whose contents are malformed: someone crafted the file, or a
-# buggy writer made it. Readers must still refuse with CorruptOverlayError, not crash.
+# buggy writer made it. Readers must still refuse with CorruptError, not crash.
 
 def crafted_tail_overlay(h, small_pair, body: bytes, index_offset: int) -> bytes:
     whole = h.compose(h.parse_parts(small_pair.overlay))
@@ -682,12 +683,12 @@ def crafted_tail_overlay(h, small_pair, body: bytes, index_offset: int) -> bytes
 def test_footer_too_short_for_its_sections_is_corrupt(small_pair, h, tmp_path, body,
                                                       index_offset):
     data = crafted_tail_overlay(h, small_pair, body, index_offset)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         read_footer(io.BytesIO(data))
     check_rejected(data)
     path = tmp_path / "crafted.vmo"
     path.write_bytes(data)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         describe(path)
 
 
@@ -698,11 +699,11 @@ def test_summary_must_be_a_json_object(small_pair, h, tmp_path, summary):
     data = h.compose(parts)
     path = tmp_path / "crafted.vmo"
     path.write_bytes(data)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         describe(path)
     base = bases.load_path(small_pair.base_path)
     try:
-        with pytest.raises(CorruptOverlayError):
+        with pytest.raises(CorruptError):
             verify(io.BytesIO(data), base)
     finally:
         base.close()
@@ -715,7 +716,7 @@ def test_summary_with_non_numeric_sizes_is_corrupt_for_inspect(small_pair, h, tm
     parts.summary = canonical_json(summary)
     path = tmp_path / "crafted.vmo"
     path.write_bytes(h.compose(parts))
-    with pytest.raises(VmsynthError):
+    with pytest.raises((VmsynthError, FormatError)):
         describe(path)
 
 
@@ -724,7 +725,7 @@ def test_summary_not_json_is_corrupt(small_pair, h):
     parts.summary = b"{not json"
     data = h.compose(parts)
     check_rejected(data)
-    with pytest.raises(CorruptOverlayError):
+    with pytest.raises(CorruptError):
         read_footer(io.BytesIO(data))
 
 
@@ -797,7 +798,7 @@ def test_frame_for_another_stream_is_unsupported():
     rec, payload = data_record(0, b"m" * BLOCK)
     w.write_frame(encode_frame(0, Stream.MEMORY, [rec], [payload], None))
     w.finish({})
-    check_rejected(out.getvalue(), UnsupportedFormatError)
+    check_rejected(out.getvalue(), UnsupportedError)
 
 
 # ------------------------------------------------------------------------------ SPEC.md
@@ -928,7 +929,7 @@ def test_delta_decoding_to_the_wrong_size_is_corrupt(small_pair, h):
         base = bases.load_path(small_pair.base_path)
         try:
             # caught at the record, not later by the result digest
-            with pytest.raises(CorruptOverlayError, match="(?i)delta"):
+            with pytest.raises(CorruptError, match="(?i)delta"):
                 verify(io.BytesIO(data), base)
         finally:
             base.close()

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from vmsynth.formats import vmem as vmem_format
+from vmsynth.formats.errors import CorruptError
 from vmsynth.formats.layout import Stream
 
-from vmsynth import bases, create, memory
+from vmsynth import bases, create, memory, snapshot
 from vmsynth.apply import apply
-from vmsynth.errors import BadInputError, CorruptOverlayError, ExitCode, SnapshotError
+from vmsynth.errors import BadInputError, DamagedSnapshotError, ExitCode, SnapshotError
 from vmsynth.memory import MachineInfo, Vmem
 from vmsynth.qcow2 import Qcow2Image
 
@@ -137,19 +139,19 @@ def test_vmem_damage_is_found(h, tmp_path):
     data = bytearray(vmem.path.read_bytes())
     data[-TRAILER_OFFSET_FROM_END] ^= 1  # inside the JSON header
     (tmp_path / "header.vmem").write_bytes(data)
-    with pytest.raises(CorruptOverlayError, match="header digest"):
+    with pytest.raises(DamagedSnapshotError, match="header digest"):
         memory.read_vmem(tmp_path / "header.vmem")
     data = bytearray(vmem.path.read_bytes())
     data[12345] ^= 1  # a RAM byte
     (tmp_path / "ram.vmem").write_bytes(data)
-    with pytest.raises(CorruptOverlayError, match="contents are damaged"):
+    with pytest.raises(DamagedSnapshotError, match="contents are damaged"):
         memory.check(memory.read_vmem(tmp_path / "ram.vmem"))
     (tmp_path / "short.vmem").write_bytes(vmem.path.read_bytes()[:-10])
     with pytest.raises(BadInputError):
         memory.read_vmem(tmp_path / "short.vmem")
 
 
-TRAILER_OFFSET_FROM_END = memory.TRAILER.size + 20
+TRAILER_OFFSET_FROM_END = vmem_format.TRAILER.size + 20
 
 
 def test_machine_description_is_type_checked():
@@ -157,7 +159,7 @@ def test_machine_description_is_type_checked():
     assert MachineInfo.from_json(good, "x") == MACHINE
     for field, value in (("ram_size", "1G"), ("ram_size", 4097), ("cpus", 0), ("vga", 1),
                          ("machine", 7), ("extra_args", "-nic user"), ("cpu", None)):
-        with pytest.raises(CorruptOverlayError):
+        with pytest.raises(CorruptError):
             MachineInfo.from_json(good | {field: value}, "x")
 
 
@@ -286,7 +288,7 @@ def test_damaged_base_memory_is_refused_when_added(cli, small_pair, pair, tmp_pa
     bad.write_bytes(data)
     r = cli("base", "add", small_pair.base_path, "--name", "t", "--version", "1",
             "--memory", bad)
-    assert r.code == ExitCode.CORRUPT and "damaged" in r.err
+    assert r.code == ExitCode.DAMAGED_SNAPSHOT and "damaged" in r.err
 
 
 def test_corrupt_memory_frame_writes_nothing(cli, h, small_pair, pair, cached, tmp_path):
@@ -341,7 +343,7 @@ def test_snapshot_of_a_socket_that_is_missing_or_not_vmsynth(cli, tmp_path):
     sock.write_text("not a socket")
     r = cli("snapshot", "--qmp", sock, "-o", tmp_path / "x.vmem")
     assert r.code == ExitCode.SNAPSHOT and "not started by `vmsynth boot`" in r.err
-    (tmp_path / memory.MACHINE_FILE).write_text(json.dumps({"ram_file": "/nonexistent"}))
+    (tmp_path / snapshot.MACHINE_FILE).write_text(json.dumps({"ram_file": "/nonexistent"}))
     r = cli("snapshot", "--qmp", sock, "-o", tmp_path / "x.vmem")
     assert r.code == ExitCode.SNAPSHOT and "not an answering QEMU QMP socket" in r.err, r.err
     assert not (tmp_path / "x.vmem").exists()
@@ -349,9 +351,9 @@ def test_snapshot_of_a_socket_that_is_missing_or_not_vmsynth(cli, tmp_path):
 
 def test_resume_refuses_another_qemu_version(h, tmp_path, monkeypatch):
     vmem = write_snapshot(h, tmp_path / "s.vmem", bytes(RAM), b"state")
-    monkeypatch.setattr(memory, "qemu_version", lambda: "9.1.0")
+    monkeypatch.setattr(snapshot, "qemu_version", lambda: "9.1.0")
     with pytest.raises(SnapshotError, match="QEMU 7.2.22, but this host has QEMU 9.1.0"):
-        memory.check_resumable(vmem)
+        snapshot.check_resumable(vmem)
 
 
 PAGES = 64
@@ -418,7 +420,7 @@ def test_a_kvm_host_cpu_snapshot_is_not_resumed_under_tcg(h, small_pair, tmp_pat
     from vmsynth.accel import Accel
     from vmsynth.vm import BootOptions, Machine
 
-    machine = replace(MACHINE, cpu="host", qemu_version=memory.qemu_version())
+    machine = replace(MACHINE, cpu="host", qemu_version=snapshot.qemu_version())
     vmem = write_snapshot(h, tmp_path / "kvm.vmem", bytes(RAM), b"state", machine)
     m = Machine(BootOptions(disk=small_pair.app_path, accel=Accel("tcg", "test"), resume=vmem))
     try:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from vmsynth import memory, signals, store
+from vmsynth import memory, signals, snapshot, store
 from vmsynth.errors import ExitCode, UsageError
 from vmsynth.memory import MachineInfo
 
@@ -173,7 +173,7 @@ def test_snapshot_output_may_not_be_the_vms_own_files(tmp_path):
     for out in (ram, disk, tmp_path / "x" / ".." / "disk.qcow2"):
         (tmp_path / "x").mkdir(exist_ok=True)
         with pytest.raises(UsageError, match="refusing to overwrite"):
-            memory.take(object(), ram, launch, out)  # type: ignore[arg-type]
+            snapshot.take(object(), ram, launch, out)  # type: ignore[arg-type]
     assert ram.read_bytes() == b"r" * 100 and disk.read_bytes() == b"d" * 100
 
 
@@ -255,7 +255,7 @@ def test_create_refuses_a_memory_snapshot_that_fails_its_own_digest(cli, world):
     bad.write_bytes(bytes(data))
     out = world.dir / "o.vmo"
     r = cli("create", "--base", "s@1", "--disk", world.top, "--memory", bad, "-o", out)
-    assert r.code == ExitCode.CORRUPT, r.err
+    assert r.code == ExitCode.DAMAGED_SNAPSHOT, r.err
     assert "contents are damaged" in r.err.replace(str(world.dir), "<dir>"), r.err
     assert not out.exists() and temporaries(world.dir) == []
 

@@ -948,7 +948,7 @@ def test_a_damaged_snapshot_is_not_resumed(bench, snapshots, guest):
     damaged.write_bytes(data)
     disk = bench.child(snapshots.app_disk, "d.qcow2")
     r = bench.run("boot", disk, "--resume", damaged, *bench.boot_args(ready="tick"))
-    line = assert_one_line_error(r, ExitCode.CORRUPT)
+    line = assert_one_line_error(r, ExitCode.DAMAGED_SNAPSHOT)
     assert "damaged" in line
     bench.assert_clean()
 

@@ -29,7 +29,7 @@ from .errors import (
     BadInputError,
     BaseMismatchError,
     BusyError,
-    CorruptOverlayError,
+    DamagedSnapshotError,
     UsageError,
     VmsynthError,
     WriteError,
@@ -262,7 +262,7 @@ def load_memory(path: Path, progress: Progress | None = None) -> BaseMemory:
     try:
         digest, index = _scan_cached(image, path, progress)
         if digest != image.vmem.digest:
-            raise CorruptOverlayError(f"{path}: memory snapshot contents are damaged "
+            raise DamagedSnapshotError(f"{path}: memory snapshot contents are damaged "
                                       "(digest mismatch)",
                                       hint="take the base's snapshot again")
     except BaseException:

@@ -36,7 +36,7 @@ from vmsynth.formats.seal import Sealer
 from . import __version__
 from .bases import Base, BlockIndex
 from .blocks import BLOCK, CHUNK, ZERO_BLOCK, is_zero
-from .errors import BadInputError, BaseMismatchError, CorruptOverlayError, SnapshotError
+from .errors import BadInputError, BaseMismatchError, DamagedSnapshotError, SnapshotError
 from .hashing import BackgroundHash
 from .keys import Key, encryption_for_new
 from .memory import VmemImage
@@ -335,9 +335,9 @@ def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
             try:
                 differ.region(0, memory.virtual_size, advance, contents.update)
                 if "sha256:" + contents.hexdigest() != memory.vmem.digest:
-                    raise CorruptOverlayError(f"{memory.path}: memory snapshot contents are "
-                                              "damaged (they do not match its digest)",
-                                              hint="take the snapshot again")
+                    raise DamagedSnapshotError(f"{memory.path}: memory snapshot contents are "
+                                               "damaged (they do not match its digest)",
+                                               hint="take the snapshot again")
             finally:
                 contents.close()
     finally:

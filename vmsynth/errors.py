@@ -2,13 +2,16 @@
 
 The codes are part of the interface (scripts and CI steps branch on them): never reuse or
 renumber one. README.md tables them; tests/test_cli.py checks the table against this enum.
-This module imports nothing of vmsynth, so every layer (formats included) may raise these.
+The codec (vmsynth.formats) has errors of its own that know nothing of exit codes; the
+engine's overlay errors are also theirs, and `exit_code` maps both.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
 from typing import ClassVar
+
+from vmsynth.formats import errors as codec
 
 
 class ExitCode(IntEnum):
@@ -28,6 +31,8 @@ class ExitCode(IntEnum):
     KEY = 20  # an encrypted overlay and no key, or the wrong key
     BUSY = 21  # a cached base is in use by another vmsynth process
     SNAPSHOT = 22  # a memory snapshot cannot be taken, or does not fit this base or this QEMU
+    QEMU = 23  # QEMU refused a command over QMP, or its QMP socket failed
+    DAMAGED_SNAPSHOT = 24  # a memory snapshot file is damaged (trailer, header or contents)
     HANGUP = 129  # SIGHUP (the terminal went away): stopped as carefully as by Ctrl-C
     INTERRUPTED = 130  # Ctrl-C (SIGINT)
     TERMINATED = 143  # SIGTERM
@@ -60,11 +65,11 @@ class OverBudgetError(VmsynthError):
     exit_code = ExitCode.OVER_BUDGET
 
 
-class UnsupportedFormatError(VmsynthError):
+class UnsupportedFormatError(VmsynthError, codec.UnsupportedError):
     exit_code = ExitCode.UNSUPPORTED
 
 
-class CorruptOverlayError(VmsynthError):
+class CorruptOverlayError(VmsynthError, codec.CorruptError):
     exit_code = ExitCode.CORRUPT
 
 
@@ -92,7 +97,7 @@ class CheckFailedError(VmsynthError):
     exit_code = ExitCode.CHECK_FAILED
 
 
-class WrongKeyError(VmsynthError):
+class WrongKeyError(VmsynthError, codec.WrongKeyError):
     """An encrypted overlay, and no key or the wrong one."""
 
     exit_code = ExitCode.KEY
@@ -107,3 +112,31 @@ class SnapshotError(VmsynthError):
     (machine type, CPU model, RAM size, QEMU version)."""
 
     exit_code = ExitCode.SNAPSHOT
+
+
+class QMPError(VmsynthError):
+    """QEMU refused a command, or its QMP socket did not answer."""
+
+    exit_code = ExitCode.QEMU
+
+
+class DamagedSnapshotError(VmsynthError):
+    """A memory snapshot (.vmem) whose trailer, header or contents fail their checks."""
+
+    exit_code = ExitCode.DAMAGED_SNAPSHOT
+
+
+_CODEC = ((codec.CorruptError, ExitCode.CORRUPT), (codec.UnsupportedError, ExitCode.UNSUPPORTED),
+          (codec.WrongKeyError, ExitCode.KEY))
+
+
+def exit_code(err: BaseException) -> ExitCode:
+    """The exit code for an error a user can see (ERROR for anything else: a bug)."""
+    if isinstance(err, VmsynthError):
+        return err.exit_code
+    return next((code for kind, code in _CODEC if isinstance(err, kind)), ExitCode.ERROR)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """An error with its own message for the user (not a bug)."""
+    return isinstance(err, (VmsynthError, codec.FormatError))

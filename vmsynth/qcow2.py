@@ -19,6 +19,7 @@ from typing import Protocol
 import zstandard
 
 from .errors import BadInputError, UnsupportedFormatError
+from .store import read_error
 
 QCOW2_MAGIC = b"QFI\xfb"
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQ")  # through snapshots_offset (72 bytes)
@@ -58,7 +59,10 @@ class RawImage:
         self.backing: Qcow2Image | RawImage | None = None
 
     def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as err:
+            raise read_error(self.path, err) from err
         return data + bytes(length - len(data)) if len(data) < length else data
 
     def close(self) -> None:
@@ -88,14 +92,20 @@ class Qcow2Image:
         self._lock = threading.Lock()
 
     def _pread(self, length: int, offset: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as err:  # EIO and the like: the input's fault, named as such
+            raise read_error(self.path, err) from err
         if len(data) != length:
             raise BadInputError(f"{self.path}: truncated qcow2 image (read past end at {offset})",
                                 hint="check it with `qemu-img check`")
         return data
 
     def _parse_header(self) -> None:
-        raw = os.pread(self.fd, 4096, 0)
+        try:
+            raw = os.pread(self.fd, 4096, 0)
+        except OSError as err:
+            raise read_error(self.path, err) from err
         if raw[:4] != QCOW2_MAGIC or len(raw) < _HEADER.size:
             raise BadInputError(f"{self.path}: not a qcow2 image",
                                 hint="convert it with `qemu-img convert -O qcow2 IN OUT`")
@@ -203,7 +213,10 @@ class Qcow2Image:
         x = 62 - (self.cluster_bits - 8)
         host = entry & ((1 << x) - 1)
         sectors = ((entry >> x) & ((1 << (62 - x)) - 1)) + 1
-        blob = os.pread(self.fd, sectors * 512 - (host & 511), host)
+        try:
+            blob = os.pread(self.fd, sectors * 512 - (host & 511), host)
+        except OSError as err:
+            raise read_error(self.path, err) from err
         try:
             if self.compression == "zstd":
                 out = zstandard.ZstdDecompressor().decompressobj().decompress(blob)

@@ -11,11 +11,7 @@ import socket
 import time
 from typing import Any
 
-from .errors import VmsynthError
-
-
-class QMPError(VmsynthError):
-    """QEMU refused a command, or its QMP socket did not answer."""
+from .errors import QMPError
 
 
 class QMP:

@@ -5,7 +5,7 @@ file) and its QEMU process. QEMU runs in its own session so a Ctrl-C at the term
 us, not it: we then ask the guest to power down over QMP, wait a grace period, quit QEMU,
 and kill it if it still lingers. Used as a context manager, no QEMU process outlives the
 Machine. Guest RAM always lives in a shared file, so any VM can be snapshotted page by page
-(memory.py); a Machine can also resume a memory snapshot instead of booting.
+(snapshot.py); a Machine can also resume a memory snapshot instead of booting.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import memory
+from . import snapshot
 from .accel import Accel
 from .errors import BadInputError, BootError, SnapshotError, UsageError
-from .memory import MACHINE_FILE, Vmem
+from .memory import Vmem
 from .qmp import QMP, QMPError
 from .store import Inputs, scratch_dir
 from .tools import PACKAGES, ToolError
@@ -91,13 +91,13 @@ class Machine:
         if vmem is None:
             size, vga = ram_bytes(o.memory), o.vnc != "none"
             args = [QEMU, *o.accel.qemu_args(), "-smp", str(o.cpus),
-                    *memory.ram_args(self.ram_file, size, "pc", share=True)]
+                    *snapshot.ram_args(self.ram_file, size, "pc", share=True)]
         else:
             # The snapshot decides the machine: the same CPU model, RAM and devices.
             size, vga = vmem.ram_size, vmem.machine.vga
             args = [QEMU, "-accel", o.accel.name, "-cpu", vmem.machine.cpu,
                     "-smp", str(vmem.machine.cpus),
-                    *memory.ram_args(vmem.path, size, vmem.machine.machine, share=False),
+                    *snapshot.ram_args(vmem.path, size, vmem.machine.machine, share=False),
                     "-incoming", "defer"]
         args += ["-nodefaults", "-no-user-config",
                  "-qmp", f"unix:{self.control_path},server=on,wait=off",
@@ -134,7 +134,7 @@ class Machine:
                 "vga": vga, "kernel_boot": o.kernel is not None,
                 "extra_args": self.extra_args(), "accel": o.accel.name,
                 "resumed": o.resume is not None}
-        (self.rundir / MACHINE_FILE).write_text(json.dumps(info))
+        (self.rundir / snapshot.MACHINE_FILE).write_text(json.dumps(info))
 
     def start(self) -> None:
         require_qemu()
@@ -143,7 +143,7 @@ class Machine:
             if path is not None and not Path(path).is_file():
                 raise BadInputError(f"{what} {path}: no such file")
         if o.resume is not None:
-            memory.check_resumable(o.resume)
+            snapshot.check_resumable(o.resume)
             if o.resume.machine.cpu == "host" and o.accel.name != "kvm":
                 raise SnapshotError(f"{o.resume.path} was taken under KVM with the host's own "
                                     f"CPU model, which {o.accel.name.upper()} cannot provide",
@@ -176,7 +176,7 @@ class Machine:
             raise
         if o.resume is not None:
             try:
-                self.resume_seconds = memory.resume(self.qmp, o.resume, self.rundir)
+                self.resume_seconds = snapshot.resume(self.qmp, o.resume, self.rundir)
             except QMPError as err:
                 if self.proc.wait(timeout=5) is not None:  # QEMU refused the state and quit
                     raise SnapshotError(f"QEMU could not resume {o.resume.path}: "
@@ -192,8 +192,8 @@ class Machine:
         """
         if self.qmp is None or self.proc is None or self.proc.poll() is not None:
             raise SnapshotError("the VM is no longer running: nothing to snapshot")
-        launch = json.loads((self.rundir / MACHINE_FILE).read_text())
-        vmem = memory.take(self.qmp, Path(launch["ram_file"]), launch, out, inputs)
+        launch = json.loads((self.rundir / snapshot.MACHINE_FILE).read_text())
+        vmem = snapshot.take(self.qmp, Path(launch["ram_file"]), launch, out, inputs)
         self.wait(10)
         return vmem
 
