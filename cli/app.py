@@ -1,12 +1,16 @@
-"""The `vmsynth` click group and its commands."""
+"""The `vmsynth` click group and its commands: one module each, imported when used.
+
+Importing only the command that runs keeps start-up short (the cloudlet's HTTP stack, rich
+tables and QEMU code are not loaded for `vmsynth verify`).
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import click
 
 from vmsynth import __version__
-
-from . import apply, base, boot, check, create, inspect, keygen, run, snapshot, verify
 
 EPILOG = """\b
 Examples:
@@ -20,11 +24,31 @@ Exit codes: 0 ok, 1 internal error, 2 usage, 10 base mismatch, 11 over budget,
 15 boot failed, 16 bad input, 17 cannot write output, 18 accelerator
 unavailable, 19 image check failed, 20 key missing or wrong, 21 base busy,
 22 memory snapshot incompatible or not possible, 23 QEMU refused a command
-(QMP), 24 damaged memory snapshot, 129 hangup (SIGHUP), 130 interrupted
-(Ctrl-C), 143 terminated (SIGTERM)."""
+(QMP), 24 damaged memory snapshot, 25 cloudlet full, 26 unauthorized by the
+cloudlet, 27 cloudlet unreachable or session lost, 129 hangup (SIGHUP), 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+# Command name -> module in vmsynth.cli (each defines `command`), in the order --help lists.
+COMMANDS = {name: name for name in (
+    "create", "apply", "verify", "inspect", "base", "keygen", "boot", "snapshot", "run",
+    "check", "serve", "offload", "sessions")}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        command: click.Command = importlib.import_module(f"vmsynth.cli.{module}").command
+        return command
+
+
+@click.group(cls=LazyGroup, epilog=EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vmsynth")
 @click.option("--debug", is_flag=True, envvar="VMSYNTH_DEBUG",
               help="Show a traceback on internal errors.")
@@ -37,7 +61,3 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.obj = {"debug": debug}
 
-
-# One command per module, each named `command` (base is a group of subcommands).
-for module in (create, apply, verify, inspect, base, keygen, boot, snapshot, run, check):
-    cli.add_command(module.command)

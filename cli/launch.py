@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from vmsynth import accel, snapshot
+from vmsynth.bases import BootConfig
 from vmsynth.errors import SnapshotError
 from vmsynth.memory import Vmem
 from vmsynth.store import Inputs
@@ -22,12 +23,13 @@ from . import console
 def boot_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The options boot and run share."""
     for option in reversed([
-        click.option("--memory", default="1G", show_default=True,
-                     help="Guest RAM (QEMU -m); a resumed snapshot keeps its own."),
-        click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 256),
-                     help="Virtual CPUs."),
+        click.option("--memory", help="Guest RAM (QEMU -m) [default: the base's, else 1G]; "
+                                       "a resumed snapshot keeps its own."),
+        click.option("--cpus", type=click.IntRange(1, 256),
+                     help="Virtual CPUs [default: the base's, else 1]."),
         click.option("--kernel", type=click.Path(dir_okay=False),
-                     help="Boot this kernel directly instead of from the disk."),
+                     help="Boot this kernel directly instead of from the disk [default: "
+                          "the base's, if `base add --kernel` recorded one]."),
         click.option("--initrd", type=click.Path(dir_okay=False), help="Initramfs for --kernel."),
         click.option("--append", help="Kernel command line for --kernel."),
         click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
@@ -50,8 +52,10 @@ def boot_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def machine(disk: Path, opts: dict[str, Any], as_json: bool, resume: Vmem | None = None
-             ) -> Machine:
+def machine(disk: Path, opts: dict[str, Any], as_json: bool, resume: Vmem | None = None,
+            base: BootConfig | None = None) -> Machine:
+    """The VM to start: the command's options, else the base's recorded boot settings."""
+    base = base or BootConfig()
     require_qemu()  # before the accelerator notice: the one error line says what to install
     if resume is not None:
         snapshot.check_resumable(resume)  # before the accelerator probe: fail fast
@@ -59,13 +63,16 @@ def machine(disk: Path, opts: dict[str, Any], as_json: bool, resume: Vmem | None
     if opts["accel"] == "auto" and chosen.name == "tcg" and not as_json:
         console.err.print(f"notice: {chosen.reason}")
     serial = opts["serial"]
+    kernel = Path(opts["kernel"]) if opts["kernel"] else base.kernel
+    initrd = Path(opts["initrd"]) if opts["initrd"] else base.initrd if not opts["kernel"] \
+        else None
     options = BootOptions(
-        disk=disk, accel=chosen, memory=opts["memory"], cpus=opts["cpus"],
-        kernel=Path(opts["kernel"]) if opts["kernel"] else None,
-        initrd=Path(opts["initrd"]) if opts["initrd"] else None, append=opts["append"],
+        disk=disk, accel=chosen, memory=opts["memory"] or base.memory or "1G",
+        cpus=opts["cpus"] or base.cpus or 1, kernel=kernel, initrd=initrd,
+        append=opts["append"] or (base.append if not opts["kernel"] else None),
         vnc=opts["vnc"], serial_log=Path(serial) if serial and serial != "-" else None,
-        ready=opts["ready"], timeout=opts["timeout"], extra_args=list(opts["qemu_args"]),
-        resume=resume)
+        ready=opts["ready"] or (base.ready if resume is None else None),
+        timeout=opts["timeout"], extra_args=list(opts["qemu_args"]), resume=resume)
     echo = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if serial == "-" else None
     return Machine(options, on_serial=echo, grace=opts["grace"])
 
@@ -79,20 +86,8 @@ def run_machine(machine: Machine, as_json: bool, extra: dict[str, Any],
     """
     with machine:
         seconds = machine.wait_ready()
-        info = machine.info() | extra | {"ready_seconds": round(seconds, 3)}
-        if machine.resume_seconds is not None:
-            info["resume_seconds"] = round(machine.resume_seconds, 3)
-        verb = "resumed" if machine.resume_seconds is not None else "ready"
-        if as_json:
-            console.emit_json(info | {"event": "ready"})
-        else:
-            vnc = info["vnc"]
-            console.err.print(
-                f"{verb} in {seconds:.1f} s ({info['accel']}): pid {info['pid']}, "
-                f"QMP {info['qmp_socket']}, serial log {info['serial_log']}"
-                + (f", VNC {vnc['host']}:{vnc['port']} (display {vnc['display']})" if vnc
-                   else ""))
-        try:
+        try:  # from here a stop signal snapshots: even one sent as soon as "ready" shows
+            _show_ready(machine, seconds, extra, as_json)
             code = machine.wait()
         except KeyboardInterrupt:
             if snapshot_to is None:
@@ -106,6 +101,21 @@ def run_machine(machine: Machine, as_json: bool, extra: dict[str, Any],
                                 hint="stop it with Ctrl-C or SIGTERM while it runs")
         if not as_json:
             console.err.print(f"the VM powered off (QEMU exit {code})")
+
+
+def _show_ready(machine: Machine, seconds: float, extra: dict[str, Any], as_json: bool) -> None:
+    info = machine.info() | extra | {"ready_seconds": round(seconds, 3)}
+    if machine.resume_seconds is not None:
+        info["resume_seconds"] = round(machine.resume_seconds, 3)
+    if as_json:
+        console.emit_json(info | {"event": "ready"})
+        return
+    verb = "resumed" if machine.resume_seconds is not None else "ready"
+    vnc = info["vnc"]
+    console.err.print(f"{verb} in {seconds:.1f} s ({info['accel']}): pid {info['pid']}, "
+                      f"QMP {info['qmp_socket']}, serial log {info['serial_log']}"
+                      + (f", VNC {vnc['host']}:{vnc['port']} (display {vnc['display']})"
+                         if vnc else ""))
 
 
 def snapshot_taken(vmem: Vmem, as_json: bool) -> None:

@@ -35,6 +35,9 @@ def _run(args: list[str]) -> int:
         return _invoke(args, as_json, debug)
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP, or a prompt's Ctrl-C
         return _interrupted(exc, store.completed.get() or [], as_json)
+    except Exception as exc:  # noqa: BLE001 (a broken installation: the import failed)
+        return _report(f"internal error: {type(exc).__name__}: {exc}",
+                       "rerun with --debug and report it", 1, as_json)
     finally:
         store.completed.reset(completed)
 

@@ -7,12 +7,13 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vmsynth import bases
 from vmsynth.bases import Base
+from vmsynth.errors import UsageError
 from vmsynth.keys import Key, read_key_file
 from vmsynth.memory import VmemImage, open_vmem
 from vmsynth.qcow2 import Qcow2Image
@@ -20,6 +21,9 @@ from vmsynth.source import Limits, is_url
 from vmsynth.store import Inputs
 
 from . import console
+
+if TYPE_CHECKING:
+    from vmsynth.service.client import Client
 
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print a JSON document on stdout instead of text.")
@@ -133,3 +137,34 @@ def new_key(key_file: str | None) -> Key:
                                            confirmation_prompt=True, err=True))
     raise click.UsageError(f"--encrypt needs --key-file FILE or ${PASSPHRASE_ENV} "
                            "(a passphrase is never taken on the command line)")
+
+
+def cloudlet_options(f: Any) -> Any:
+    for option in reversed([
+        click.option("--cloudlet", "url", required=True, metavar="URL",
+                     help="The cloudlet, e.g. https://192.168.1.10:8750."),
+        click.option("--token-file", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="The cloudlet's bearer token, if it has one."),
+        click.option("--fingerprint", metavar="SHA256",
+                     help="Trust the cloudlet's certificate with this fingerprint (as "
+                          "`vmsynth serve` prints it)."),
+        click.option("--cacert", type=click.Path(dir_okay=False), metavar="PEM",
+                     help="Trust certificates signed by this CA instead."),
+    ]):
+        f = option(f)
+    return f
+
+
+def cloudlet_client(url: str, token_file: str | None, fingerprint: str | None,
+                    cacert: str | None) -> Client:
+    """A cloudlet API client from the command's options."""
+    from vmsynth.service.client import Client, Trust  # aiohttp: only for the commands that talk
+    token = None
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as err:
+            raise UsageError(f"--token-file {token_file}: {err.strerror}") from None
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--cloudlet {url!r}: give an http:// or https:// URL")
+    return Client(url, token, Trust(fingerprint, cacert))

@@ -68,7 +68,7 @@ def command(overlay: str, base_spec: str, keep: bool, key_file: str | None, as_j
             report = apply(source, base, sess.disk, progress=advance, key=read_key(key_file),
                            memory_output=sess.memory, durable=False, inputs=inputs)
         synthesized = time.monotonic() - started
-        vm = machine(sess.disk, opts, as_json, report.memory)
+        vm = machine(sess.disk, opts, as_json, report.memory, base.boot)
         run_machine(vm, as_json, {"session": sess.id,
                                   "synthesis_seconds": round(synthesized, 3)})
     finally:

@@ -18,7 +18,7 @@ import os
 import re
 from array import array
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,25 @@ class BaseMemory:
         return self.image.path
 
 
+@dataclass(frozen=True)
+class BootConfig:
+    """How a VM of this base starts, recorded at `base add` so that `run` and the cloudlet
+    need nothing but the overlay: a direct-boot kernel, initrd and command line (which a
+    resumed snapshot of a kernel-booted VM needs again), RAM and vCPUs for a boot, and the
+    serial text that means a booted VM is ready."""
+
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    memory: str | None = None  # QEMU -m syntax, e.g. 1G
+    cpus: int | None = None
+    ready: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()
+                if v is not None}
+
+
 @dataclass
 class Base:
     """A base ready for use: its image, identity and block index (and memory, if any)."""
@@ -183,6 +202,7 @@ class Base:
     index: BlockIndex
     memory: BaseMemory | None = None
     lock: int | None = None  # fd holding a shared lock on the cache entry, if any
+    boot: BootConfig = BootConfig()
 
     def close(self) -> None:
         self.image.close()
@@ -323,25 +343,68 @@ def _lock(entry: Path, exclusive: bool, what: str) -> int:
 
 
 def add(path: Path, name: str, version: str, progress: Progress | None = None,
-        memory: Path | None = None) -> Base:
+        memory: Path | None = None, boot: BootConfig = BootConfig()) -> Base:
     """Record a base in the cache (the image stays where it is; the cache keeps its identity).
 
     `memory`: the base VM's memory snapshot in a ready state, which overlays with memory
-    are diffed against.
+    are diffed against. `boot`: how its VMs start (the kernel and initrd, like the image,
+    must not change afterwards).
     """
     entry = _entry_file(name, version)
+    boot = _absolute(boot)
+    for what, file in (("kernel", boot.kernel), ("initrd", boot.initrd)):
+        if file is not None and not file.is_file():
+            raise BadInputError(f"{what} {file}: no such file")
     lock = _lock(entry, exclusive=True, what="in use by another vmsynth process")
     try:
         base = load_path(path, name, version, progress, memory)
+        base.boot = boot
         _, stat = _stat_key(base.path)
         record = asdict(base.identity) | {"path": str(base.path), "stat": stat}
         if base.memory is not None:
             record["memory"] |= {"path": str(base.memory.path),
                                  "stat": _stat_key(base.memory.path)[1]}
+        record["boot"] = boot.to_json() | {
+            f"{what}_stat": _stat_key(file)[1]
+            for what, file in (("kernel", boot.kernel), ("initrd", boot.initrd)) if file}
         write_atomic(entry, json.dumps(record, indent=2).encode())
     finally:
         os.close(lock)
     return base
+
+
+def _absolute(boot: BootConfig) -> BootConfig:
+    return replace(boot, kernel=boot.kernel.resolve() if boot.kernel else None,
+                   initrd=boot.initrd.resolve() if boot.initrd else None)
+
+
+def _boot_config(spec: str, raw: object) -> BootConfig:
+    """An entry's boot settings, its kernel and initrd checked as unchanged since `add`."""
+    if raw is None:
+        return BootConfig()
+    _need(raw, {})
+    assert isinstance(raw, dict)
+    types = {"kernel": str, "initrd": str, "append": str, "memory": str, "cpus": int,
+             "ready": str}
+    values = {k: raw[k] for k in types if raw.get(k) is not None}
+    if any(type(v) is not types[k] for k, v in values.items()):
+        raise TypeError("a boot setting has the wrong type")
+    for what in ("kernel", "initrd"):
+        if what in values:
+            file = Path(values[what])
+            _check_unchanged(spec, file, raw.get(f"{what}_stat"))
+            values[what] = file
+    return BootConfig(**values)
+
+
+def _check_unchanged(spec: str, path: Path, stat: object) -> None:
+    if not path.exists():
+        raise BadInputError(f"base {spec}: its file {path} is gone",
+                            hint=f"restore it, or `vmsynth base rm {spec}`")
+    if _stat_key(path)[1] != stat:
+        raise BaseMismatchError(f"base {spec}: {path} changed since it was added",
+                                hint="a base must never change; add the new file as a new "
+                                     "version with `vmsynth base add`")
 
 
 _STAT_FIELDS = ("dev", "ino", "size", "mtime_ns")
@@ -457,18 +520,16 @@ def _open_entry(spec: str, entry: Path, name: str, version: str,
     image_path = Path(record["path"])
     memory = record.get("memory")
     memory_path = Path(memory["path"]) if memory else None
-    for path, stat in ((image_path, record["stat"]),
-                       (memory_path, memory["stat"] if memory else None)):
-        if path is None:
-            continue
-        if not path.exists():
-            raise BadInputError(f"base {spec}: its file {path} is gone",
-                                hint=f"restore it, or `vmsynth base rm {spec}`")
-        if _stat_key(path)[1] != stat:
-            raise BaseMismatchError(f"base {spec}: {path} changed since it was added",
-                                    hint="a base must never change; add the new file as a new "
-                                         "version with `vmsynth base add`")
+    _check_unchanged(spec, image_path, record["stat"])
+    if memory_path is not None:
+        _check_unchanged(spec, memory_path, memory["stat"])
+    try:
+        boot = _boot_config(spec, record.get("boot"))
+    except TypeError as err:
+        raise BadInputError(f"base cache entry {entry} is damaged ({err})",
+                            hint=f"`vmsynth base rm {spec}`, then add the base again") from None
     base = load_path(image_path, name, version, progress, memory_path)
+    base.boot = boot
     if base.identity.digest != record["digest"] or \
             (base.memory and base.memory.identity.digest != memory["digest"]):
         base.close()

@@ -33,6 +33,9 @@ class ExitCode(IntEnum):
     SNAPSHOT = 22  # a memory snapshot cannot be taken, or does not fit this base or this QEMU
     QEMU = 23  # QEMU refused a command over QMP, or its QMP socket failed
     DAMAGED_SNAPSHOT = 24  # a memory snapshot file is damaged (trailer, header or contents)
+    FULL = 25  # the cloudlet has no free slot (try again after its Retry-After)
+    UNAUTHORIZED = 26  # the cloudlet refused the token (none, wrong, another session's)
+    CLOUDLET = 27  # the cloudlet could not be reached or trusted, or lost the session
     HANGUP = 129  # SIGHUP (the terminal went away): stopped as carefully as by Ctrl-C
     INTERRUPTED = 130  # Ctrl-C (SIGINT)
     TERMINATED = 143  # SIGTERM
@@ -124,6 +127,20 @@ class DamagedSnapshotError(VmsynthError):
     """A memory snapshot (.vmem) whose trailer, header or contents fail their checks."""
 
     exit_code = ExitCode.DAMAGED_SNAPSHOT
+
+
+class CloudletFullError(VmsynthError):
+    exit_code = ExitCode.FULL
+
+
+class UnauthorizedError(VmsynthError):
+    exit_code = ExitCode.UNAUTHORIZED
+
+
+class CloudletError(VmsynthError):
+    """The cloudlet cannot be reached or trusted, answered nonsense, or lost the session."""
+
+    exit_code = ExitCode.CLOUDLET
 
 
 _CODEC = ((codec.CorruptError, ExitCode.CORRUPT), (codec.UnsupportedError, ExitCode.UNSUPPORTED),

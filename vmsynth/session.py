@@ -37,17 +37,26 @@ class Session:
 _SESSION = re.compile(r"(\d{1,10})-[0-9a-f]{12}")
 
 
-def new(keep: Inputs | None = None) -> Session:
-    """A new session, named with our PID; sessions of dead processes are scrubbed first
-    (a vmsynth killed with -9, or a host that crashed, could not scrub its own), except one
-    that holds a file of `keep` (what this command is about to read)."""
+def scrub_stale(keep: Inputs | None = None) -> list[str]:
+    """Scrub the sessions of processes that no longer exist (a vmsynth killed with -9, or a
+    host that crashed, could not scrub its own), except one that holds a file of `keep`
+    (what this command is about to read). Returns the ids scrubbed."""
     folder = bases.cache_dir("sessions")
+    scrubbed = []
     for old in folder.iterdir():
         match = _SESSION.fullmatch(old.name)
         if match and old.is_dir() and not old.is_symlink() and \
                 not pid_alive(int(match.group(1))) and \
                 not (keep and any(keep.holds(p) for p in old.rglob("*"))):
             destroy(Session(old.name, old))
+            scrubbed.append(old.name)
+    return scrubbed
+
+
+def new(keep: Inputs | None = None) -> Session:
+    """A new session, named with our PID, once dead processes' sessions are scrubbed."""
+    scrub_stale(keep)
+    folder = bases.cache_dir("sessions")
     sid = f"{os.getpid()}-{secrets.token_hex(6)}"
     try:
         (folder / sid).mkdir(mode=0o700)

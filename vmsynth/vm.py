@@ -51,6 +51,12 @@ class BootOptions:
     timeout: float = 120.0
     extra_args: list[str] = field(default_factory=list)
     resume: Vmem | None = None  # resume this memory snapshot instead of booting
+    # For a cloudlet's sessions: VNC on the service's address behind a password set over
+    # QMP, guest TCP ports forwarded (guest port -> host port), QEMU's seccomp sandbox.
+    vnc_host: str = "127.0.0.1"
+    vnc_password: bool = False
+    forwards: dict[int, int] = field(default_factory=dict)
+    sandbox: bool = False
 
 
 def ram_bytes(text: str) -> int:
@@ -66,10 +72,11 @@ def ram_bytes(text: str) -> int:
 
 class Machine:
     def __init__(self, options: BootOptions, on_serial: Callable[[str], None] | None = None,
-                 grace: float = 10.0) -> None:
+                 grace: float = 10.0, on_spawn: Callable[[int], None] | None = None) -> None:
         self.options = options
         self.grace = grace  # seconds the guest gets to power down when we stop it
         self.on_serial = on_serial  # gets serial output as it arrives (e.g. --serial -)
+        self.on_spawn = on_spawn  # gets QEMU's PID as soon as it exists (e.g. into a cgroup)
         self.rundir = scratch_dir("vm")
         # QMP serves one client per socket: ours, and one for the user (`vmsynth snapshot`).
         self.control_path = self.rundir / "control.sock"
@@ -108,7 +115,8 @@ class Machine:
             args += ["-vga", "std", "-display", "none"]
             if o.vnc != "none":
                 display = "0,to=99" if o.vnc == "auto" else o.vnc.lstrip(":")
-                args += ["-vnc", f"127.0.0.1:{display}"]
+                args += ["-vnc", f"{o.vnc_host}:{display}" +
+                         (",password=on" if o.vnc_password else "")]
         else:
             args += ["-display", "none"]
         if o.kernel:
@@ -116,7 +124,9 @@ class Machine:
             if o.initrd:
                 args += ["-initrd", str(o.initrd)]
             args += ["-append", o.append or "console=ttyS0"]
-        return args + self.extra_args()
+        if o.sandbox:  # spawn stays allowed: migration to and from files runs `cat`
+            args += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny"]
+        return args + self._forwarded(self.extra_args())
 
     def extra_args(self) -> list[str]:
         """--qemu-arg values; a resumed snapshot's own unless new ones are given."""
@@ -124,6 +134,34 @@ class Machine:
         if o.resume is not None and not o.extra_args:
             return list(o.resume.machine.extra_args)
         return o.extra_args
+
+    def _forwarded(self, args: list[str]) -> list[str]:
+        """`args` with the forwarded ports added to the user-mode network, or a new one.
+
+        A resumed snapshot's devices are fixed: it needs a user-mode NIC of its own (the
+        host side of user-mode networking is not part of the migrated state)."""
+        o = self.options
+        if not o.forwards:
+            return args
+        rules = ",".join(f"hostfwd=tcp:{o.vnc_host}:{host}-:{guest}"
+                         for guest, host in o.forwards.items())
+        out = list(args)
+        for i, arg in enumerate(out[:-1]):
+            if arg in ("-nic", "--nic") and out[i + 1].startswith("user"):
+                out[i + 1] += "," + rules
+                return out
+        if o.resume is not None:
+            raise UsageError("this snapshot's VM has no user-mode network device, so no port "
+                             "can be forwarded to it",
+                             hint="snapshot the base with --qemu-arg=-nic "
+                                  "--qemu-arg=user,model=virtio-net-pci")
+        return [*out, "-nic", f"user,model=virtio-net-pci,{rules}"]
+
+    def set_vnc_password(self, password: str) -> None:
+        """The password a VNC client must give (VNC uses its first 8 characters)."""
+        if self.qmp is None:
+            raise BootError("the VM is not running")
+        self.qmp.execute("set_password", {"protocol": "vnc", "password": password})
 
     def _record_launch(self) -> None:
         """What `vmsynth snapshot` needs to know about this VM, beside its QMP socket."""
@@ -159,6 +197,8 @@ class Machine:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          preexec_fn=_die_with_parent)
+        if self.on_spawn is not None:
+            self.on_spawn(self.proc.pid)
         deadline = time.monotonic() + 10
         while not self.control_path.exists():
             if self.proc.poll() is not None:

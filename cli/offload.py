@@ -1,0 +1,141 @@
+"""vmsynth offload and vmsynth sessions: the user's and the operator's side of a cloudlet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+import click
+
+from vmsynth import signals
+from vmsynth.errors import CloudletError
+from vmsynth.service.client import Client, hold, negotiation_body, stream
+from vmsynth.source import open_source
+
+from . import console
+from .options import (
+    cloudlet_client,
+    cloudlet_options,
+    json_option,
+    key_file_option,
+    limits,
+    read_key,
+    transfer_options,
+)
+
+
+@click.command("offload", epilog="""\b
+Examples:
+  vmsynth offload app.vmo --cloudlet https://192.168.1.10:8750 \\
+      --fingerprint sha256:3f1c... --token-file cloudlet.token
+  vmsynth offload app.vmo --cloudlet http://127.0.0.1:8750 --forward 8080 --json
+  vmsynth create ... -o - | vmsynth offload - --cloudlet https://cloudlet:8750 ...""")
+@click.argument("overlay")
+@cloudlet_options
+@click.option("--forward", "forwards", type=click.IntRange(1, 65535), multiple=True,
+              metavar="PORT", help="Forward this guest TCP port to a cloudlet port "
+                                   "(repeatable).")
+@click.option("--memory", help="Guest RAM for a booted VM (a resumed one keeps its own).")
+@click.option("--cpus", type=click.IntRange(1, 64), help="Virtual CPUs for a booted VM.")
+@key_file_option
+@transfer_options
+@json_option
+def command(overlay: str, url: str, token_file: str | None, fingerprint: str | None,
+            cacert: str | None, forwards: tuple[int, ...], memory: str | None,
+            cpus: int | None, key_file: str | None, as_json: bool, **transfer: Any) -> None:
+    """Run OVERLAY on a cloudlet: negotiate, stream it, get a running VM, keep it alive.
+
+    OVERLAY is a file, - (standard input) or an http(s) URL. The cloudlet synthesizes the
+    VM while the overlay arrives and resumes it (or boots it); this prints the timeline and
+    how to reach the VM (VNC address and one-time password, forwarded ports), then holds
+    the session with a heartbeat until Ctrl-C or SIGTERM, which end it: the answer comes
+    once the cloudlet has stopped the VM and scrubbed its files.
+    """
+    client = cloudlet_client(url, token_file, fingerprint, cacert)
+    key = read_key(key_file)
+    with open_source(overlay, limits(transfer)) as source:
+        asyncio.run(_offload(client, source, key, memory, cpus, list(forwards), as_json))
+
+
+def _event(as_json: bool, event: str, data: dict[str, Any]) -> None:
+    if as_json:
+        console.emit_json({"event": event} | data)
+
+
+async def _offload(client: Client, source: Any, key: Any, memory: str | None,
+                   cpus: int | None, forwards: list[int], as_json: bool) -> None:
+    started = time.monotonic()
+    stop = asyncio.Event()  # Ctrl-C, SIGTERM, SIGHUP: end the session, then exit
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    async with client:
+        info = await client.info()
+        body, head = await asyncio.to_thread(negotiation_body, source, source.size or None,
+                                             int(info.get("max_overlay", 250 << 20)), key,
+                                             memory, cpus, forwards)
+        negotiated = time.monotonic()
+        session = await client.negotiate(body)
+        timeline: dict[str, float] = {"negotiate": time.monotonic() - negotiated}
+        _event(as_json, "negotiated", {"session": session["id"], "base": session["base"]})
+        ws = None
+        try:
+            ws = await client.heartbeat(session)
+            with console.advancing("uploading", source.size, enabled=not as_json) as advance:
+                sent = time.monotonic()
+                answer = await _unless_stopped(
+                    client.upload(session, stream(head, source, advance), source.size or None),
+                    stop)
+            timeline |= answer.get("timeline", {})
+            timeline["running_after"] = time.monotonic() - sent
+            timeline["total"] = time.monotonic() - started
+            _running(answer, timeline, as_json)
+            why, ws = await hold(client, session, ws, stop, float(info.get("grace", 45)))
+            if why != "user":
+                _event(as_json, "ended", {"session": session["id"], "reason": why})
+                raise CloudletError(f"the cloudlet ended the session: {why}")
+            final = await client.end(session)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(client.end(session))  # nothing stays behind
+            raise
+        finally:
+            if ws is not None:
+                await ws.close()
+    _event(as_json, "ended", {"session": session["id"], "state": final.get("state"),
+                              "reason": final.get("reason")})
+    if not as_json:
+        console.err.print(f"session {session['id']} ended; the cloudlet stopped the VM and "
+                          "scrubbed its files")
+
+
+async def _unless_stopped(work: Any, stop: asyncio.Event) -> Any:
+    """`work`'s result, or Interrupted if the user asked to stop first."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():
+        task.cancel()
+        raise signals.Interrupted()
+    return task.result()
+
+
+def _running(answer: dict[str, Any], timeline: dict[str, float], as_json: bool) -> None:
+    if as_json:
+        console.emit_json({"event": "running", "session": answer["id"], "vnc": answer.get("vnc"),
+                           "forwards": answer.get("forwards", {}), "pid": answer.get("pid"),
+                           "timeline": {k: round(v, 3) for k, v in timeline.items()}})
+        return
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in timeline.items())
+    console.err.print(f"session {answer['id']} running: {phases}")
+    vnc = answer.get("vnc")
+    if vnc:
+        console.err.print(f"VNC {vnc['host']}:{vnc['port']} (display "
+                          f":{int(vnc['port']) - 5900}), password {vnc['password']}")
+    for guest, where in answer.get("forwards", {}).items():
+        console.err.print(f"guest port {guest} -> {where['host']}:{where['port']}")
+    console.err.print("Ctrl-C ends the session (the cloudlet wipes the VM)")
