@@ -32,7 +32,7 @@ interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
 # Command name -> module in vmsynth.cli (each defines `command`), in the order --help lists.
 COMMANDS = {name: name for name in (
     "create", "apply", "verify", "inspect", "base", "keygen", "boot", "snapshot", "run",
-    "check", "serve", "offload", "sessions")}
+    "check", "serve", "discover", "offload", "sessions")}
 
 
 class LazyGroup(click.Group):

@@ -1,4 +1,4 @@
-"""vmsynth offload and vmsynth sessions: the user's and the operator's side of a cloudlet."""
+"""vmsynth offload: run an overlay on a cloudlet (found by mDNS, or given), with fallbacks."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import asyncio
 import contextlib
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
 from vmsynth import signals
-from vmsynth.errors import CloudletError
-from vmsynth.service.client import Client, hold, negotiation_body, stream
-from vmsynth.source import open_source
+from vmsynth.errors import CloudletError, ExitCode, NoCloudletError, VmsynthError, exit_code
+from vmsynth.service.client import Client, Trust, hold, negotiation_body, stream
+from vmsynth.service.discovery import discover
+from vmsynth.source import Limits, open_source
 
 from . import console
 from .options import (
@@ -24,17 +26,27 @@ from .options import (
     limits,
     read_key,
     transfer_options,
+    wanted_base,
 )
 
 
 @click.command("offload", epilog="""\b
 Examples:
+  vmsynth offload app.vmo --cloudlet auto --token-file cloudlet.token
   vmsynth offload app.vmo --cloudlet https://192.168.1.10:8750 \\
       --fingerprint sha256:3f1c... --token-file cloudlet.token
+  vmsynth offload app.vmo --cloudlet auto --fallback https://cloud.example.com:8750
   vmsynth offload app.vmo --cloudlet http://127.0.0.1:8750 --forward 8080 --json
   vmsynth create ... -o - | vmsynth offload - --cloudlet https://cloudlet:8750 ...""")
 @click.argument("overlay")
 @cloudlet_options
+@click.option("--discover-timeout", type=click.FloatRange(0.2, 60), default=2.0,
+              show_default=True, metavar="SECONDS",
+              help="With --cloudlet auto: how long to listen for cloudlets.")
+@click.option("--fallback", "fallbacks", multiple=True, metavar="URL",
+              help="Where to go when no cloudlet can serve (none found, none has the base, "
+                   "all full, or one dies mid-session): another cloudlet or a cloud "
+                   "endpoint running `vmsynth serve` (repeatable, tried in order).")
 @click.option("--forward", "forwards", type=click.IntRange(1, 65535), multiple=True,
               metavar="PORT", help="Forward this guest TCP port to a cloudlet port "
                                    "(repeatable).")
@@ -44,20 +56,97 @@ Examples:
 @transfer_options
 @json_option
 def command(overlay: str, url: str, token_file: str | None, fingerprint: str | None,
-            cacert: str | None, forwards: tuple[int, ...], memory: str | None,
-            cpus: int | None, key_file: str | None, as_json: bool, **transfer: Any) -> None:
+            cacert: str | None, discover_timeout: float, fallbacks: tuple[str, ...],
+            forwards: tuple[int, ...], memory: str | None, cpus: int | None,
+            key_file: str | None, as_json: bool, **transfer: Any) -> None:
     """Run OVERLAY on a cloudlet: negotiate, stream it, get a running VM, keep it alive.
 
-    OVERLAY is a file, - (standard input) or an http(s) URL. The cloudlet synthesizes the
-    VM while the overlay arrives and resumes it (or boots it); this prints the timeline and
+    OVERLAY is a file, - (standard input) or an http(s) URL. `--cloudlet auto` finds the
+    cloudlets nearby by mDNS and takes the best that has the overlay's base and a free slot
+    (pinning the certificate fingerprint it advertises). The cloudlet synthesizes the VM
+    while the overlay arrives and resumes it (or boots it); this prints the timeline and
     how to reach the VM (VNC address and one-time password, forwarded ports), then holds
     the session with a heartbeat until Ctrl-C or SIGTERM, which end it: the answer comes
     once the cloudlet has stopped the VM and scrubbed its files.
+
+    When no cloudlet can serve, the next tier is tried: the --fallback endpoints, in
+    order; after them, exit 40 says to run locally (degraded mode).
     """
-    client = cloudlet_client(url, token_file, fingerprint, cacert)
     key = read_key(key_file)
-    with open_source(overlay, limits(transfer)) as source:
-        asyncio.run(_offload(client, source, key, memory, cpus, list(forwards), as_json))
+    plan = Plan(overlay, url, token_file, fingerprint, cacert, discover_timeout,
+                list(fallbacks), limits(transfer))
+    asyncio.run(_offload_anywhere(plan, key, memory, cpus, list(forwards), as_json))
+
+
+@dataclass
+class Plan:
+    """Where to try, in order: the cloudlet (given, or found), then the fallbacks."""
+
+    overlay: str
+    url: str
+    token_file: str | None
+    fingerprint: str | None
+    cacert: str | None
+    discover_timeout: float
+    fallbacks: list[str]
+    limits: Limits
+
+    async def candidates(self, as_json: bool) -> tuple[list[tuple[str, Client]], str | None]:
+        """(tier label, client) in order, and why no cloudlet was found (with auto)."""
+        out: list[tuple[str, Client]] = []
+        why = None
+        if self.url == "auto":
+            want = await asyncio.to_thread(wanted_base, self.overlay)
+            found = await discover(self.discover_timeout, want)
+            _event(as_json, "discovered", {"cloudlets": [f.to_json() for f in found]})
+            usable = [f for f in found if f.has_base and f.free > 0]
+            if not found:
+                why = "no cloudlet answered nearby"
+            elif not any(f.has_base for f in found):
+                why = f"no cloudlet nearby has base {want.label}"
+            elif not usable:
+                why = f"every cloudlet with base {want.label} is full"
+            base = cloudlet_client("http://x", self.token_file, None, None)
+            out += [(f"the cloudlet at {f.url}",
+                     Client(f.url, base.token, Trust(f.fingerprint))) for f in usable]
+        else:
+            out.append((f"the cloudlet at {self.url}", cloudlet_client(
+                self.url, self.token_file, self.fingerprint, self.cacert)))
+        out += [(f"the fallback {u}", cloudlet_client(u, self.token_file, None, self.cacert))
+                for u in self.fallbacks]
+        return out, why
+
+
+# A cloudlet that cannot serve (no base, no slot, over its budget, unreachable, dead): the
+# next tier is tried. Other failures (a corrupt overlay, a wrong key) would fail anywhere.
+FALL_THROUGH = (ExitCode.BASE_MISMATCH, ExitCode.FULL, ExitCode.OVER_BUDGET,
+                ExitCode.CLOUDLET)
+
+
+async def _offload_anywhere(plan: Plan, key: Any, memory: str | None, cpus: int | None,
+                            forwards: list[int], as_json: bool) -> None:
+    stop = asyncio.Event()  # Ctrl-C, SIGTERM, SIGHUP: end the session, then exit
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    tiers, why = await plan.candidates(as_json)
+    reasons = [why] if why else []
+    for i, (label, client) in enumerate(tiers):
+        try:
+            with open_source(plan.overlay, plan.limits) as source:
+                await _offload(client, source, key, memory, cpus, forwards, as_json, stop)
+            return
+        except VmsynthError as err:
+            if exit_code(err) not in FALL_THROUGH or (plan.url != "auto" and
+                                                      not plan.fallbacks):
+                raise  # the one cloudlet asked for: its own failure, its own code
+            reasons.append(f"{label}: {err}")
+            nxt = tiers[i + 1][0] if i + 1 < len(tiers) else "running locally"
+            _event(as_json, "fallback", {"from": label, "reason": str(err), "to": nxt})
+            if not as_json:
+                console.err.print(f"{label} cannot serve ({err}); trying {nxt}")
+    raise NoCloudletError("no cloudlet can serve this overlay: " + "; ".join(reasons),
+                          hint="run it locally (degraded mode), or give --fallback URL")
 
 
 def _event(as_json: bool, event: str, data: dict[str, Any]) -> None:
@@ -66,12 +155,9 @@ def _event(as_json: bool, event: str, data: dict[str, Any]) -> None:
 
 
 async def _offload(client: Client, source: Any, key: Any, memory: str | None,
-                   cpus: int | None, forwards: list[int], as_json: bool) -> None:
+                   cpus: int | None, forwards: list[int], as_json: bool,
+                   stop: asyncio.Event) -> None:
     started = time.monotonic()
-    stop = asyncio.Event()  # Ctrl-C, SIGTERM, SIGHUP: end the session, then exit
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
     async with client:
         info = await client.info()
         body, head = await asyncio.to_thread(negotiation_body, source, source.size or None,

@@ -23,6 +23,7 @@ from vmsynth.store import Inputs
 from . import console
 
 if TYPE_CHECKING:
+    from vmsynth.service.api import WantedBase
     from vmsynth.service.client import Client
 
 json_option = click.option("--json", "as_json", is_flag=True,
@@ -168,3 +169,20 @@ def cloudlet_client(url: str, token_file: str | None, fingerprint: str | None,
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--cloudlet {url!r}: give an http:// or https:// URL")
     return Client(url, token, Trust(fingerprint, cacert))
+
+
+def wanted_base(overlay: str) -> WantedBase:
+    """The base an overlay needs, from its header (a file or a URL)."""
+    from vmsynth.formats.container import parse_header
+
+    from vmsynth.service.api import WantedBase
+    from vmsynth.source import open_source
+
+    with open_source(overlay) as source:
+        base = parse_header(source).manifest.get("base")  # type: ignore[arg-type]
+    if not isinstance(base, dict):
+        raise UsageError(f"{overlay}: the overlay's manifest names no base")
+    memory = base.get("memory")
+    return WantedBase(str(base.get("name")), str(base.get("version")), str(base.get("digest")),
+                      int(base.get("virtual_size", 0)),
+                      memory.get("digest") if isinstance(memory, dict) else None)

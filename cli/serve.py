@@ -87,11 +87,14 @@ Examples:
 @click.option("--heartbeat", type=click.FloatRange(0.5, 60), default=5.0, show_default=True,
               metavar="SECONDS", help="Heartbeat ping interval: a silent client is noticed "
                                       "within about 1.5 times this.")
+@click.option("--no-advertise", is_flag=True,
+              help="Do not announce the cloudlet by mDNS (_cloudlet._tcp) on the network.")
 @json_option
 def command(listen: str, slots: int | None, grace: float, max_overlay: int,
             token_file: str | None, open_: bool, tls_cert: str | None, tls_key: str | None,
             no_tls: bool, no_cgroups: bool, memory: str, accel: str, negotiate_timeout: float,
-            speed_limit: int, speed_time: float, heartbeat: float, as_json: bool) -> None:
+            speed_limit: int, speed_time: float, heartbeat: float, no_advertise: bool,
+            as_json: bool) -> None:
     """Run a cloudlet: serve the cached bases to users who bring overlays.
 
     A user's device negotiates a session for its overlay's base, streams the overlay (the
@@ -153,6 +156,8 @@ def command(listen: str, slots: int | None, grace: float, max_overlay: int,
                 console.err.print(f"certificate fingerprint (clients pin it with "
                                   f"--fingerprint): {fingerprint}")
 
-    why = asyncio.run(serve(cloudlet, context, ready))
+    # mDNS from loopback reaches no one: only a cloudlet on the network is announced.
+    advertise = not no_advertise and not _loopback(host)
+    why = asyncio.run(serve(cloudlet, context, ready, advertise, fingerprint))
     if not as_json:
         console.err.print(f"stopped ({why}): every session ended and scrubbed")

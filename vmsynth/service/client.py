@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 import aiohttp
-from vmsynth.formats.container import parse_header
 
 from vmsynth.errors import CloudletError, ExitCode, VmsynthError
+from vmsynth.formats.container import parse_header
 from vmsynth.keys import Key
 from vmsynth.source import Source, redact
 

@@ -25,6 +25,7 @@ import secrets
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,7 +86,8 @@ class Offer:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "digest": self.digest,
-                "virtual_size": self.virtual_size, "memory": self.memory_digest is not None}
+                "virtual_size": self.virtual_size, "memory": self.memory_digest is not None,
+                "memory_digest": self.memory_digest}
 
 
 class Session:
@@ -143,6 +145,7 @@ class Cloudlet:
         self.started = time.time()
         self.counts: dict[str, int] = {}  # sessions by how they ended
         self.phases: dict[str, list[float]] = {}  # seconds per phase, for /metrics
+        self.on_change: list[Callable[[], None]] = []  # free slots changed (advertisement)
         self._synth_pool: ThreadPoolExecutor | None = None
         self._vm_pool: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -256,6 +259,7 @@ class Cloudlet:
                           "try again shortly, or another cloudlet", retry_after=30)
         s = Session(n, offer, need, ram, cpus)
         self.sessions[s.id] = s
+        self._changed()
         s.timer = asyncio.get_running_loop().create_task(self._expire_unless_sent(s))
         log.info("session %s: negotiated for %s (%d bytes)", s.id, offer.spec, n.overlay_size)
         return s
@@ -418,6 +422,7 @@ class Cloudlet:
             assert self.capacity is not None
             self.capacity.release(s.need)
             self.sessions.pop(s.id, None)
+            self._changed()
             outcome = "failed" if failed else "ended"
             self.counts[outcome] = self.counts.get(outcome, 0) + 1
             await self._set_state(s, outcome)
@@ -435,6 +440,10 @@ class Cloudlet:
                 session.destroy(s.work)
             if s.group is not None:
                 s.group.remove()
+
+    def _changed(self) -> None:
+        for listener in self.on_change:
+            listener()
 
     async def _set_state(self, s: Session, state: str) -> None:
         s.state = state

@@ -67,6 +67,8 @@ class Cgroups:
 
     def __init__(self, root: Path = Path("/sys/fs/cgroup")) -> None:
         self.v2 = (root / "cgroup.controllers").exists()
+        if not self.v2 and not (root / "cpu").is_dir():
+            raise ConfineError(f"no cgroup filesystem is mounted at {root}")
         try:
             if self.v2:
                 own = _own_path(root, None)

@@ -33,6 +33,7 @@ from vmsynth.errors import BadInputError, ExitCode
 
 from .api import MAX_BODY, Negotiation, Refusal, parse_json
 from .cloudlet import Cloudlet, Session
+from .discovery import Advertiser
 
 log = logging.getLogger("vmsynth.service")
 
@@ -297,16 +298,18 @@ class _Collector:
 
 
 
-async def serve(cloudlet: Cloudlet, ssl_context: Any | None,
-                on_ready: Any = None) -> str:
+async def serve(cloudlet: Cloudlet, ssl_context: Any | None, on_ready: Any = None,
+                advertise: bool = True, fingerprint: str | None = None) -> str:
     """Run the cloudlet until SIGINT, SIGTERM or SIGHUP; every session is then ended and
-    scrubbed before this returns (the signal's name)."""
+    scrubbed before this returns (the signal's name). With `advertise`, announce it by
+    mDNS (vmsynth.service.discovery) while it serves."""
     import signal
 
     runner = web.AppRunner(make_app(cloudlet), handle_signals=False, access_log=None)
     await runner.setup()  # the start-up scrub and the base catalogue happen here
     stop = asyncio.Event()
     got: list[str] = []
+    advertiser: Advertiser | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, lambda s=sig: (got.append(s.name), stop.set()))
@@ -320,9 +323,16 @@ async def serve(cloudlet: Cloudlet, ssl_context: Any | None,
                                 f"{cloudlet.config.port}: {err.strerror or err}",
                                 hint="choose another --listen address or port") from None
         cloudlet.config.port = int(runner.addresses[0][1])  # the one bound, for port 0
+        if advertise:
+            advertiser = Advertiser(cloudlet.config.service_id, cloudlet.config.host,
+                                    cloudlet.config.port, ssl_context is not None, fingerprint)
+            await advertiser.start(cloudlet.info())
+            cloudlet.on_change.append(lambda: advertiser.changed(cloudlet.info))
         if on_ready is not None:
             on_ready()
         await stop.wait()
     finally:
+        if advertiser is not None:
+            await advertiser.stop()  # a goodbye first: clients drop us at once
         await runner.cleanup()  # on_shutdown: every session ended and scrubbed
     return got[0] if got else "stopped"
