@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from vmsynth.formats import errors as codec
 
 from vmsynth import errors, memory
 from vmsynth.apply import apply
+from vmsynth.keys import Key
 from vmsynth.verify import describe, verify
 
 VECTORS = Path(__file__).resolve().parents[1] / "formats" / "vectors"
@@ -213,3 +215,72 @@ def test_generator_script_runs_standalone(tmp_path, h):
     assert p.returncode == 0, p.stderr
     for name in NAMES + ["vectors.json"]:
         assert (tmp_path / name).read_bytes() == (VECTORS / name).read_bytes()
+
+
+# ------------------------------------------------------------------------------ golden old files
+# vmsynth 0.1's vectors (formats 1.0 and 1.1), kept as they were written: every later reader
+# must still give their recorded outcomes (never regenerate or delete them).
+
+GOLDEN = VECTORS / "golden-0.1"
+GOLDEN_DOC = json.loads((GOLDEN / "vectors.json").read_text())
+GOLDEN_NAMES = sorted(GOLDEN_DOC["vectors"])
+OLD_OUTCOME = {"CorruptOverlayError": codec.CorruptError,
+               "UnsupportedFormatError": codec.UnsupportedError,
+               "WrongKeyError": codec.WrongKeyError}
+
+
+def test_golden_files_are_as_recorded():
+    assert {p.name for p in GOLDEN.glob("*.vmo")} == set(GOLDEN_NAMES)
+    for name in GOLDEN_NAMES:
+        data = (GOLDEN / name).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == GOLDEN_DOC["vectors"][name][
+            "sha256"], name
+    key = (GOLDEN / GOLDEN_DOC["key_file"]["name"]).read_bytes()
+    assert "sha256:" + hashlib.sha256(key).hexdigest() == GOLDEN_DOC["key_file"]["sha256"]
+
+
+def golden_key(expected: dict) -> Key | None:
+    if "key_file" in expected["key"]:
+        return Key(key_file=(GOLDEN / expected["key"]["key_file"]).read_bytes())
+    return Key(passphrase=expected["key"]["passphrase"])
+
+
+@pytest.mark.parametrize("name", GOLDEN_NAMES)
+def test_golden_file_gives_its_recorded_outcome(name, vector_base, gen, tmp_path, h):
+    """Rebuilt on the recipe's base (with the key when it has one): the recorded outcome."""
+    expected = GOLDEN_DOC["vectors"][name]
+    key = None
+    if "with_key" in expected:
+        with open(GOLDEN / name, "rb") as f, pytest.raises(codec.WrongKeyError):
+            verify(f)
+        key, expected = golden_key(expected), expected["with_key"]
+    base_path, _, base_vmem = vector_base
+    base = gen.open_base(base_path, base_vmem if name.startswith("mem-") else None)
+    out = tmp_path / "synth.qcow2"
+    try:
+        with open(GOLDEN / name, "rb") as f:
+            if expected["outcome"] == "ok":
+                report = apply(f, base, out, key=key)
+                assert report.replay.result_digest == expected["result_digest"]
+            else:
+                with pytest.raises(OLD_OUTCOME[expected["error"]]) as info:
+                    apply(f, base, out, key=key)
+                assert int(errors.exit_code(info.value)) == expected["exit_code"]
+    finally:
+        base.close()
+    if expected["outcome"] == "ok":
+        assert h.sha256(h.read_image(out)) == expected["disk_sha256"]
+        if "memory" in expected:
+            vmem = memory.read_vmem(tmp_path / "synth.vmem")
+            memory.check(vmem)
+            assert vmem.digest == expected["memory"]["digest"]
+    else:
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_golden_memory_file_is_1_1_without_the_memory_bit():
+    """The legacy rule's case (SPEC.md 10): 1.1 wrote memory streams without bit 2."""
+    data = (GOLDEN / "mem-good.vmo").read_bytes()
+    major, minor, _, incompat = struct.unpack_from("<HHIQ", data, 8)
+    assert (major, minor, incompat) == (1, 1, 0)
+    assert describe(GOLDEN / "mem-good.vmo")["memory"]["frames"] >= 1
