@@ -739,6 +739,7 @@ def test_vmsynth_reads_what_the_independent_writer_seals(enc, small_pair, h, tmp
     head = HEADER.pack(parts.magic, parts.major, parts.minor, HEADER.size + len(parts.manifest)
                        + 32, parts.incompat, parts.compat, len(parts.manifest), 0) + parts.manifest
     header_digest = hashlib.sha256(head).digest()
+    summary["header_digest"] = "sha256:" + header_digest.hex()  # binds header and body (5)
     aead = AESGCM(spec_hkdf(enc.key, file_id, b"vmsynth overlay v1 frame key", 32))
     for i, (f, recs, area) in enumerate(zip(parts.frames, records, areas, strict=True)):
         raw = b"".join(RECORD.pack(*r) for r in recs) + area

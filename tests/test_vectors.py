@@ -174,9 +174,12 @@ def test_good_vector_uses_every_record_kind():
     assert all(n > 0 for n in pages.values()), pages
 
 
-def test_memory_vector_is_format_1_1_and_the_disk_only_one_1_0():
-    assert describe(VECTORS / "mem-good.vmo")["format_version"] == "1.1"
-    assert describe(VECTORS / "good.vmo")["format_version"] == "1.0"
+def test_vectors_are_format_1_2_and_memory_sets_its_bit():
+    for name in ("good.vmo", "mem-good.vmo"):
+        major, minor, _, incompat = struct.unpack_from("<HHIQ", (VECTORS / name).read_bytes(), 8)
+        assert (major, minor) == (1, 2)
+        assert incompat == (4 if name.startswith("mem-") else 0)
+        assert describe(VECTORS / name)["format_version"] == "1.2"
 
 
 def test_memory_vector_matches_the_generators_snapshot(vector_base, gen, tmp_path):
