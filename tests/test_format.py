@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import struct
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -17,6 +19,7 @@ from vmsynth.formats.container import (
     OverlayStream,
     OverlayWriter,
     canonical_json,
+    check_summary,
     parse_header,
     read_footer,
 )
@@ -61,6 +64,8 @@ from vmsynth.formats.seal import SCRYPT_DEFAULT, Sealer, check_scrypt
 
 from vmsynth import bases
 from vmsynth.errors import VmsynthError
+from vmsynth.memory import MachineInfo
+from vmsynth.synth import read_manifest
 from vmsynth.verify import describe, verify
 
 U64 = st.integers(0, 2**64 - 1)
@@ -1259,7 +1264,6 @@ def test_a_malformed_section_list_is_corrupt(listed, tmp_path):
 
 
 def describe_footer(path):
-    from vmsynth.formats.container import check_summary
     with open(path, "rb") as f:
         header = parse_header(f)
         return check_summary(read_footer(f).summary, header)
@@ -1338,3 +1342,91 @@ def test_scrypt_beyond_the_bounds_is_unsupported(n, r, p):
 def test_scrypt_default_is_what_writers_use():
     assert SCRYPT_DEFAULT == {"n": 1 << 15, "r": 8, "p": 1}
     check_scrypt(**SCRYPT_DEFAULT)
+
+
+# ------------------------------------------------------------------------------ SPEC.md's examples
+# Every ```json block of SPEC.md is tagged with what it shows and the vector it comes from;
+# each is checked against the code and that vector, so the examples cannot drift.
+
+SPEC_PATH = Path(__file__).resolve().parents[1] / "formats" / "SPEC.md"
+VECTOR_DIR = SPEC_PATH.parent / "vectors"
+SPEC_JSON = re.findall(r"^```json([^\n]*)\n(.*?)^```$", SPEC_PATH.read_text(),
+                       re.MULTILINE | re.DOTALL)
+
+
+def spec_examples(kind: str) -> list[tuple[str, object]]:
+    return [(info.split()[1], json.loads(body)) for info, body in SPEC_JSON
+            if info.split()[0] == kind]
+
+
+def test_every_spec_json_example_is_tagged_and_checked():
+    kinds = {"manifest", "summary", "encryption", "vmem-header", "descriptor", "vector"}
+    assert len(SPEC_JSON) >= 7
+    for info, body in SPEC_JSON:
+        words = info.split()
+        assert len(words) == 2 and words[0] in kinds, f"untagged example: ```json{info}"
+        assert (VECTOR_DIR / words[1]).is_file(), words[1]
+        json.loads(body)  # each is one JSON text
+    assert {info.split()[0] for info, _ in SPEC_JSON} == kinds  # each kind is shown
+
+
+def vector_parts(name: str):
+    data = (VECTOR_DIR / name).read_bytes()
+    header = parse_header(io.BytesIO(data))
+    return data, header, read_footer(io.BytesIO(data), header.encrypted)
+
+
+@pytest.mark.parametrize("name,example", spec_examples("manifest"))
+def test_spec_manifest_example(name, example):
+    _, header, _ = vector_parts(name)
+    assert example == header.manifest
+    manifest = read_manifest(example)  # the engine's checks
+    assert manifest.base.digest == example["base"]["digest"]
+    assert (manifest.memory is not None) == header.memory
+
+
+@pytest.mark.parametrize("name,example", spec_examples("summary"))
+def test_spec_summary_example(name, example):
+    _, header, footer = vector_parts(name)
+    assert example == footer.summary
+    assert check_summary(example, header) == example
+    assert example["header_digest"] == header.digest_string
+
+
+@pytest.mark.parametrize("name,example", spec_examples("encryption"))
+def test_spec_encryption_example(name, example):
+    _, header, _ = vector_parts(name)
+    assert example == {"encryption": header.manifest["encryption"]}
+    kdf = example["encryption"]["kdf"]
+    check_scrypt(kdf["n"], kdf["r"], kdf["p"])
+
+
+@pytest.mark.parametrize("name,example", spec_examples("vmem-header"))
+def test_spec_vmem_header_example(name, example):
+    with open(VECTOR_DIR / name, "rb") as f:
+        head = vmem.read_tail(f, name)
+    assert example["digest"] == head.digest and example["state_size"] == head.state_size
+    assert example["version"] == vmem.VERSION and example["format"] == vmem.FORMAT
+    assert MachineInfo.from_json(example["machine"], "SPEC.md") == head.machine
+    assert canonical_json(example) == (VECTOR_DIR / name).read_bytes()[
+        head.size: -vmem.TRAILER.size]
+
+
+@pytest.mark.parametrize("name,example", spec_examples("descriptor"))
+def test_spec_descriptor_example(name, example):
+    data = (VECTOR_DIR / name).read_bytes()
+    assert example == {"digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                       "mediaType": MEDIA_TYPE, "size": len(data)}
+
+
+@pytest.mark.parametrize("name,example", spec_examples("vector"))
+def test_spec_vector_example(name, example):
+    doc = json.loads((VECTOR_DIR / "vectors.json").read_text())
+    assert example == doc["vectors"][name]
+
+
+def test_spec_names_the_media_types_and_feature_bits():
+    text = SPEC_PATH.read_text()
+    assert f"`{MEDIA_TYPE}`" in text and f"`{vmem.MEDIA_TYPE}`" in text
+    for bit, name in FEATURE_NAMES["incompat"].items():
+        assert f"| {bit.bit_length() - 1} | `{name}` |" in text

@@ -261,11 +261,11 @@ def _replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] |
                 raise CorruptOverlayError(f"{where} is out of order or outside its stream")
             if r.kind is Kind.BASE and r.source + r.length > info.base_size:
                 raise CorruptOverlayError(f"{where} refers past the end of the base")
-            if r.kind is Kind.DISK and (info.id == Stream.DISK or
-                                        r.source + r.length > manifest.disk.base_size):
+            if r.kind in (Kind.DISK, Kind.DISK_COPY) and info.id == Stream.DISK:
+                raise CorruptOverlayError(f"{where}: a {r.kind.name} record in a disk frame")
+            if r.kind is Kind.DISK and r.source + r.length > manifest.disk.base_size:
                 raise CorruptOverlayError(f"{where} refers past the end of the base disk")
-            if r.kind is Kind.DISK_COPY and (info.id == Stream.DISK or
-                                             r.source + r.length > manifest.disk.virtual_size):
+            if r.kind is Kind.DISK_COPY and r.source + r.length > manifest.disk.virtual_size:
                 raise CorruptOverlayError(f"{where} refers past the end of the rebuilt disk")
             if r.kind is Kind.COPY and r.source + r.length > r.target:
                 raise CorruptOverlayError(f"{where} copies from a region not yet rebuilt")
