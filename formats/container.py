@@ -358,9 +358,7 @@ def check_summary(summary: dict[str, Any], header: Header,
     (`sections`; None when they were not read, as with random access)."""
     if not is_digest(summary.get("result_digest")):
         raise CorruptError("overlay summary has no valid result_digest")
-    bound = summary.get("header_digest")
-    if bound is None and header.minor >= 2:  # 1.2 writers always bind the header
-        raise CorruptError("overlay summary lacks the header_digest its version requires")
+    bound = summary.get("header_digest")  # 1.2 writers add it; older files have none
     if bound is not None and not is_digest(bound):
         raise CorruptError("overlay summary has a malformed header_digest")
     if bound is not None and bound != header.digest_string:

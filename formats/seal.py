@@ -5,7 +5,8 @@ overlay has a random 16-byte file id; the file key is HKDF-SHA256(master, salt=f
 nonces (the frame number) never repeat under one key. Every frame's associated data is the
 header digest plus the frame's own header, which holds its number: frames cannot be
 reordered, moved to another overlay, or altered unnoticed. The summary is sealed too and
-names the frame count, so dropping frames is noticed as well.
+names the frame count, so dropping frames is noticed as well. Optional sections are sealed
+under nonces of their own (00000001 + their ordinal), and the sealed summary lists them.
 """
 
 from __future__ import annotations

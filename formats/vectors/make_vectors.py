@@ -131,7 +131,7 @@ VECTORS: dict[str, tuple[str, list[str], str | None]] = {
     "result-digest-mismatch.vmo": ("corrupt", ["M26"], "ok"),
     "manifest-bad-digest-string.vmo": ("corrupt", ["M11"], None),
     "summary-bad-digest-string.vmo": ("corrupt", ["M11"], None),
-    "summary-no-header-digest.vmo": ("corrupt", ["M27"], None),
+    "summary-without-header-digest.vmo": ("ok", ["M27"], None),
     "stream-unknown-kind.vmo": ("unsupported", ["M10"], None),
     "frame-seq-gap.vmo": ("corrupt", ["M15"], None),
     "frame-unknown-codec.vmo": ("unsupported", ["M16"], None),
@@ -176,6 +176,7 @@ VECTORS: dict[str, tuple[str, list[str], str | None]] = {
     "vmem-layout.vmem": ("corrupt", ["M36"], None),
     "vmem-bad-digest-string.vmem": ("corrupt", ["M11", "M36"], None),
     "vmem-contents.vmem": ("corrupt", ["M36"], "ok"),
+    "vmem-bound-header.vmem": ("corrupt", ["M36"], None),
 }
 # Encrypted vectors: the key that opens them, the outcome with it, and the MUSTs.
 ENCRYPTED: dict[str, tuple[str, str, list[str]]] = {
@@ -609,7 +610,7 @@ def damaged(good: bytes, mem_good: bytes) -> dict[str, bytes]:
         "result_digest": "sha256:" + hashlib.sha256(b"another result").hexdigest()})
     out["summary-bad-digest-string.vmo"] = with_summary(good, summary | {
         "result_digest": summary["result_digest"].upper().replace("SHA256", "sha256")})
-    out["summary-no-header-digest.vmo"] = with_summary(
+    out["summary-without-header-digest.vmo"] = with_summary(
         good, {k: v for k, v in summary.items() if k != "header_digest"})
     upper = manifest_of(good)
     upper["base"] = upper["base"] | {"digest": "sha256:" + upper["base"]["digest"][7:].upper()}
@@ -801,6 +802,10 @@ def make_vmem() -> dict[str, bytes]:
     bad = bytearray(good)
     bad[100] ^= 0x01  # a bit of the RAM: only a reader that checks the contents sees it
     out["vmem-contents.vmem"] = bytes(bad)
+    bad = bytearray(good)  # a header length past 1 MiB, refused before reading it
+    struct_at = len(bad) - vmem_codec.TRAILER.size + 16
+    bad[struct_at: struct_at + 8] = (vmem_codec.MAX_HEADER + 1).to_bytes(8, "little")
+    out["vmem-bound-header.vmem"] = bytes(bad)
     return out
 
 
@@ -873,7 +878,7 @@ def generate(outdir: Path) -> dict:
         records(good, mem_good) | sections(good) | with_memory | solid | make_vmem()
     infos = {"good.vmo": info, "mem-good.vmo": memory_info, "mem-solid-good.vmo": solid_info}
     for name in ("future-minor.vmo", "future-keys.vmo", "future-compat.vmo",
-                 "section-unknown.vmo"):
+                 "section-unknown.vmo", "summary-without-header-digest.vmo"):
         infos[name] = info  # good.vmo's contents, with what a reader must ignore
     assert set(files) == set(VECTORS), set(files) ^ set(VECTORS)
     assert set(encrypted) == set(ENCRYPTED), set(encrypted) ^ set(ENCRYPTED)
