@@ -70,8 +70,8 @@ class Kind(IntEnum):
     BASE = 3  # `length` bytes of the base, from offset `source`
     COPY = 4  # `length` bytes of the result, from offset `source` (< target)
     DELTA = 5  # zstd frame decoded with base[source:source+length] as raw-content dictionary
-    DISK = 6  # `length` bytes of the base's disk, from offset `source` (1.1; memory frames)
-    DISK_COPY = 7  # `length` bytes of the rebuilt disk, from offset `source` (1.1; memory)
+    DISK = 6  # `length` bytes of the base's disk, from `source` (incompat MEMORY; memory frames)
+    DISK_COPY = 7  # `length` bytes of the rebuilt disk, from `source` (incompat MEMORY; memory)
 
 
 class Incompat(IntFlag):
