@@ -25,6 +25,7 @@ from .layout import (
     MAX_FRAME_RAW,
     MAX_FRAME_RECORDS,
     RECORD,
+    RECORD_KIND_MAX,
     SOLID_WINDOW_LOG,
     TAG_SIZE,
     Codec,
@@ -228,6 +229,8 @@ def decode_payload(head: FrameHead, stored: bytes, sealer: Sealer | None = None,
     records = []
     data_total = 0
     for kind, stored_len, target, length, source in RECORD.iter_unpack(view[:table_size]):
+        if kind > RECORD_KIND_MAX:  # the three bytes after the kind are reserved: zeros
+            raise CorruptError(f"frame {head.seq}: a record's reserved bytes are not zero")
         try:
             kind = Kind(kind)
         except ValueError:

@@ -5,14 +5,18 @@ All integers are little-endian. Digests are SHA-256.
 
 from __future__ import annotations
 
+import re
 import struct
 from enum import IntEnum, IntFlag
 
 MAGIC = b"\x89VSO\r\n\x1a\n"  # like PNG's: catches text-mode and 7-bit transfers
 MAJOR = 1
-MINOR = 0  # what a disk-only overlay says: 1.0 readers read it
-MINOR_MEMORY = 1  # 1.1 added the memory stream and DISK records
+MINOR = 2  # the revision of SPEC.md this writer follows (readers never refuse a minor)
+MINOR_LEGACY_MEMORY = 1  # 1.1 files had memory streams without the MEMORY bit (SPEC.md 10)
 DIGEST_SIZE = 32
+MEDIA_TYPE = "application/vnd.vmsynth.overlay.v1"  # an overlay file, any 1.x (SPEC.md 12)
+# A digest string (SPEC.md 12): algorithm ":" lowercase hex; version 1 knows only sha256.
+DIGEST_STRING = re.compile(r"sha256:[0-9a-f]{64}")
 
 # Header: magic, major, minor, header_length, incompat, compat, manifest_length, reserved;
 # then the manifest (canonical JSON) and the SHA-256 of everything before it.
@@ -27,12 +31,21 @@ MAX_FRAME_RAW = 32 << 20  # a reader refuses larger frames before allocating any
 MAX_FRAME_RECORDS = 1 << 20
 SOLID_WINDOW_LOG = 27  # a solid overlay's zstd window: what a reader holds of earlier frames
 
-# Record, 32 bytes: kind, 3 reserved, stored, target, length, source.
-RECORD = struct.Struct("<B3xIQQQ")
+# Record, 32 bytes: kind (1), reserved (3), stored, target, length, source. The first four
+# bytes are read as one integer, so the reserved check costs one comparison per record:
+# kind is its low byte, and anything above 0xFF is a non-zero reserved byte.
+RECORD = struct.Struct("<IIQQQ")
+RECORD_KIND_MAX = 0xFF
 
 SUMMARY_TAG = b"SUMM"
 SECTION = struct.Struct("<4sI")  # tag, length (summary) or count (index)
 MAX_SUMMARY = 1 << 20
+
+# Optional section: SECTION (tag, whose first byte is a-z; body length), the SHA-256 of those
+# 8 bytes and the body, then the body. Readers verify and skip the ones they do not know.
+OPTIONAL_HEAD_SIZE = SECTION.size + DIGEST_SIZE
+MAX_OPTIONAL = 16 << 20  # one section's body: what a reader may have to hold
+MAX_OPTIONAL_COUNT = 64  # sections in one overlay (the summary lists them)
 INDEX_TAG = b"INDX"
 # Index entry: frame offset, stored, raw, records, stream, codec, reserved, target range, digest.
 INDEX_ENTRY = struct.Struct("<QIIIBBHQQ32s")
@@ -57,8 +70,8 @@ class Kind(IntEnum):
     BASE = 3  # `length` bytes of the base, from offset `source`
     COPY = 4  # `length` bytes of the result, from offset `source` (< target)
     DELTA = 5  # zstd frame decoded with base[source:source+length] as raw-content dictionary
-    DISK = 6  # `length` bytes of the base's disk, from offset `source` (1.1; memory frames)
-    DISK_COPY = 7  # `length` bytes of the rebuilt disk, from offset `source` (1.1; memory)
+    DISK = 6  # `length` bytes of the base's disk, from `source` (incompat MEMORY; memory frames)
+    DISK_COPY = 7  # `length` bytes of the rebuilt disk, from `source` (incompat MEMORY; memory)
 
 
 class Incompat(IntFlag):
@@ -67,6 +80,7 @@ class Incompat(IntFlag):
     NONE = 0
     ENCRYPTED = 1  # frames and summary sealed with AES-256-GCM (seal.py)
     SOLID = 2  # the frames' payloads are consecutive pieces of one zstd stream (frames.py)
+    MEMORY = 4  # a memory stream, record kinds DISK and DISK_COPY (1.2; implied in 1.1 files)
 
 
 class Compat(IntFlag):
@@ -77,6 +91,11 @@ class Compat(IntFlag):
 
 FRAME_ENCRYPTED = 1  # frame flag: the stored payload is sealed
 
-KNOWN_INCOMPAT = Incompat.ENCRYPTED | Incompat.SOLID
+KNOWN_INCOMPAT = Incompat.ENCRYPTED | Incompat.SOLID | Incompat.MEMORY
+KNOWN_COMPAT = Compat.NONE
+# The manifest's `feature_names` entries for the bits this writer knows (SPEC.md 9).
+FEATURE_NAMES = {"incompat": {Incompat.ENCRYPTED: "encryption", Incompat.SOLID: "solid",
+                              Incompat.MEMORY: "memory"},
+                 "compat": {}}
 KNOWN_FRAME_FLAGS = FRAME_ENCRYPTED
 TAG_SIZE = 16  # AES-GCM tag appended to a sealed payload

@@ -5,7 +5,8 @@ overlay has a random 16-byte file id; the file key is HKDF-SHA256(master, salt=f
 nonces (the frame number) never repeat under one key. Every frame's associated data is the
 header digest plus the frame's own header, which holds its number: frames cannot be
 reordered, moved to another overlay, or altered unnoticed. The summary is sealed too and
-names the frame count, so dropping frames is noticed as well.
+names the frame count, so dropping frames is noticed as well. Optional sections are sealed
+under nonces of their own (00000001 + their ordinal), and the sealed summary lists them.
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ CIPHER = "aes-256-gcm"
 TAG_SIZE = 16
 KEY_SIZE = 32
 FILE_ID_SIZE = 16
-SCRYPT_DEFAULT = {"n": 1 << 15, "r": 8, "p": 1}
+SCRYPT_DEFAULT = {"n": 1 << 15, "r": 8, "p": 1}  # 32 MiB, well inside the limits below
 SCRYPT_LIMITS = {"n": 1 << 20, "r": 32, "p": 16}  # refuse headers that ask for more work
+# What a crafted header may make a reader spend once a passphrase is given (SPEC.md 8):
+# scrypt holds 128*n*r bytes, and its time grows with n*r*p.
+SCRYPT_MAX_MEMORY = 256 << 20
+SCRYPT_MAX_WORK = 1 << 22  # n*r*p: 16 times the default's
 _FRAME_INFO = b"vmsynth overlay v1 frame key"
 _CHECK_INFO = b"vmsynth overlay v1 key check"
 _SUMMARY_NONCE = b"\xff" * 12  # frames use 0x00000000 + their number: never equal
+_SECTION_NONCE = b"\0\0\0\x01"  # + the section's ordinal: apart from frames and summary
 
 
 def _hkdf(master: bytes, file_id: bytes, info: bytes, length: int) -> bytes:
@@ -42,11 +48,26 @@ def master_from_passphrase(passphrase: str, kdf: dict[str, Any]) -> bytes:
         n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
     except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise CorruptError(f"overlay's key derivation parameters are malformed ({err})")
-    if not (2 <= n <= SCRYPT_LIMITS["n"] and n & (n - 1) == 0 and 1 <= r <= SCRYPT_LIMITS["r"]
-            and 1 <= p <= SCRYPT_LIMITS["p"] and len(salt) >= 16):
-        raise UnsupportedError("overlay asks for scrypt parameters outside the limits "
-                                     "this vmsynth accepts")
+    if len(salt) < 16:
+        raise CorruptError("overlay's scrypt salt is shorter than 16 bytes")
+    check_scrypt(n, r, p)
     return Scrypt(salt=salt, length=KEY_SIZE, n=n, r=r, p=p).derive(passphrase.encode())
+
+
+def check_scrypt(n: int, r: int, p: int) -> None:
+    """Refuse scrypt parameters that would cost a reader more than a user accepts.
+
+    Raises:
+        UnsupportedError: out of bounds (too much memory or work, or not a power of two).
+    """
+    if not (2 <= n <= SCRYPT_LIMITS["n"] and n & (n - 1) == 0 and 1 <= r <= SCRYPT_LIMITS["r"]
+            and 1 <= p <= SCRYPT_LIMITS["p"]):
+        raise UnsupportedError("overlay asks for scrypt parameters outside the limits "
+                               "this vmsynth accepts")
+    if 128 * n * r > SCRYPT_MAX_MEMORY or n * r * p > SCRYPT_MAX_WORK:
+        raise UnsupportedError(f"overlay's passphrase derivation would take "
+                               f"{128 * n * r >> 20} MiB of memory and {n * r * p >> 18} "
+                               "times the usual work: more than this vmsynth accepts")
 
 
 class Sealer:
@@ -74,6 +95,19 @@ class Sealer:
         except InvalidTag:
             raise CorruptError(f"frame {seq} fails authentication (tampered with, or "
                                       "moved from another overlay)") from None
+
+    def seal_section(self, head: bytes, ordinal: int, body: bytes) -> bytes:
+        """An optional section's body; `head` is its tag and length, `ordinal` its place
+        among the file's sections (SPEC.md 2.1)."""
+        return self._aead.encrypt(_SECTION_NONCE + ordinal.to_bytes(8, "big"), body,
+                                  self._header_digest + head)
+
+    def open_section(self, head: bytes, ordinal: int, sealed: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(_SECTION_NONCE + ordinal.to_bytes(8, "big"), sealed,
+                                      self._header_digest + head)
+        except InvalidTag:
+            raise CorruptError(f"optional section {ordinal} fails authentication") from None
 
     def seal_summary(self, body: bytes, frames: int) -> bytes:
         aad = self._header_digest + b"SUMM" + frames.to_bytes(8, "little")

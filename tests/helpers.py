@@ -278,8 +278,23 @@ def seal_frame(f: FrameParts) -> FrameParts:
     return replace(f, digest=hashlib.sha256(frame_head(f) + f.payload).digest())
 
 
-def compose(parts: Parts, *, reindex: bool = True, trailer: dict | None = None) -> bytes:
+def rebind_summary(summary: bytes, header_digest: bytes) -> bytes:
+    """A plain summary whose `header_digest` (format 1.2) names the given header."""
+    try:
+        doc = json.loads(summary)
+    except ValueError:
+        return summary
+    want = "sha256:" + header_digest.hex()
+    if not isinstance(doc, dict) or doc.get("header_digest") in (None, want):
+        return summary
+    return canonical_json(doc | {"header_digest": want})
+
+
+def compose(parts: Parts, *, reindex: bool = True, trailer: dict | None = None,
+            rebind: bool = True) -> bytes:
     """Reassemble an overlay; header digest, offsets and trailer digest are recomputed.
+
+    With `rebind`, a plain summary's `header_digest` is made to name the new header.
 
     Frame heads and digests are written as they are in `parts` (use seal_frame to fix them).
     With `reindex`, index entries are rebuilt from the frames (keeping their target ranges);
@@ -289,6 +304,7 @@ def compose(parts: Parts, *, reindex: bool = True, trailer: dict | None = None) 
     head = HEADER.pack(parts.magic, parts.major, parts.minor, hlen, parts.incompat,
                        parts.compat, len(parts.manifest), parts.reserved) + parts.manifest
     out = bytearray(head + hashlib.sha256(head).digest())
+    summary = rebind_summary(parts.summary, out[-DIGEST_SIZE:]) if rebind else parts.summary
     offsets = []
     for f in parts.frames:
         offsets.append(len(out))
@@ -301,7 +317,7 @@ def compose(parts: Parts, *, reindex: bool = True, trailer: dict | None = None) 
             index.append((off, f.stored_length, f.raw_length, f.count, f.stream, f.codec, 0,
                           old[7], old[8], f.digest))
     summary_offset = len(out)
-    tail = SECTION.pack(SUMMARY_TAG, len(parts.summary)) + parts.summary
+    tail = SECTION.pack(SUMMARY_TAG, len(summary)) + summary
     index_offset = summary_offset + len(tail)
     tail += SECTION.pack(INDEX_TAG, len(index))
     for e in index:

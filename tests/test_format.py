@@ -5,22 +5,27 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import struct
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vmsynth.formats import vmem
 from vmsynth.formats.container import (
     OverlayStream,
     OverlayWriter,
     canonical_json,
+    check_summary,
     parse_header,
     read_footer,
 )
 from vmsynth.formats.errors import CorruptError, FormatError, UnsupportedError
 from vmsynth.formats.frames import (
+    EncodedFrame,
     Record,
     SolidCompressor,
     SolidDecompressor,
@@ -30,6 +35,7 @@ from vmsynth.formats.frames import (
 )
 from vmsynth.formats.layout import (
     DIGEST_SIZE,
+    FEATURE_NAMES,
     FRAME,
     FRAME_HEAD_SIZE,
     FRAME_TAG,
@@ -39,7 +45,10 @@ from vmsynth.formats.layout import (
     MAX_FRAME_RAW,
     MAX_FRAME_RECORDS,
     MAX_HEADER,
+    MAX_OPTIONAL,
+    MAX_OPTIONAL_COUNT,
     MAX_SUMMARY,
+    MEDIA_TYPE,
     MINOR,
     RECORD,
     SECTION,
@@ -51,9 +60,12 @@ from vmsynth.formats.layout import (
     Kind,
     Stream,
 )
+from vmsynth.formats.seal import SCRYPT_DEFAULT, Sealer, check_scrypt
 
 from vmsynth import bases
 from vmsynth.errors import VmsynthError
+from vmsynth.memory import MachineInfo
+from vmsynth.synth import read_manifest
 from vmsynth.verify import describe, verify
 
 U64 = st.integers(0, 2**64 - 1)
@@ -377,7 +389,10 @@ def test_footer_and_streaming_round_trip():
     assert w.bytes_written == len(data)
 
     footer = read_footer(io.BytesIO(data))
-    assert footer.summary == summary
+    # The writer binds the header to the summary (SPEC.md 5): the header's own digest.
+    assert footer.summary == summary | {"header_digest": "sha256:" + w.header_digest.hex()}
+    assert w.header_digest == hashlib.sha256(data[: HEADER.size + len(
+        canonical_json(disk_manifest_for(1 << 20)))]).digest()
     assert footer.file_length == len(data)
     assert [e.offset for e in footer.index] == starts
     for e, f in zip(footer.index, frames, strict=True):
@@ -391,7 +406,7 @@ def test_footer_and_streaming_round_trip():
     assert [fr.offset for fr in seen] == starts
     assert [fr.head for fr in seen] == [f.head for f in frames]
     assert [fr.stored for fr in seen] == [f.blob[FRAME_HEAD_SIZE:] for f in frames]
-    assert ov.footer is not None and ov.footer.summary == summary
+    assert ov.footer is not None and ov.footer.summary == footer.summary
     assert ov.footer.index == footer.index
 
 
@@ -507,7 +522,7 @@ def test_newer_minor_version_is_accepted(small_pair, h):
     assert verify(io.BytesIO(data)).replay.frames == 1
 
 
-@pytest.mark.parametrize("bit", [2, 5, 31, 32, 63])
+@pytest.mark.parametrize("bit", [3, 5, 31, 32, 63])
 def test_unknown_incompat_bit_is_unsupported(small_pair, h, bit):
     data = h.reheader(small_pair.overlay, incompat=1 << bit)
     with pytest.raises(UnsupportedError):
@@ -797,7 +812,7 @@ def test_frame_for_another_stream_is_unsupported():
     w.write_header(disk_manifest_for(1 << 20))
     rec, payload = data_record(0, b"m" * BLOCK)
     w.write_frame(encode_frame(0, Stream.MEMORY, [rec], [payload], None))
-    w.finish({})
+    w.finish({"result_digest": "sha256:" + "0" * 64})
     check_rejected(out.getvalue(), UnsupportedError)
 
 
@@ -933,3 +948,485 @@ def test_delta_decoding_to_the_wrong_size_is_corrupt(small_pair, h):
                 verify(io.BytesIO(data), base)
         finally:
             base.close()
+
+
+# ------------------------------------------------------------------------------ format 1.2
+# Reserved bytes, the memory feature bit and its legacy rule, feature names, the header bound
+# to the summary, digest strings, optional sections (SPEC.md 2.1, 3, 5, 9, 12).
+
+def test_header_reserved_bytes_must_be_zero(small_pair, h):
+    for value in (1, 1 << 31):
+        data = h.reheader(small_pair.overlay, reserved=value)
+        with pytest.raises(CorruptError, match="reserved"):
+            parse_header(io.BytesIO(data))
+    # An unknown incompatible bit is judged first: such a file may use the reserved bytes.
+    data = h.reheader(small_pair.overlay, reserved=1, incompat=1 << 9)
+    with pytest.raises(UnsupportedError):
+        parse_header(io.BytesIO(data))
+
+
+@pytest.mark.parametrize("byte", [1, 2, 3])
+def test_record_reserved_bytes_must_be_zero(byte):
+    rec, payload = data_record(0, b"r" * 64)
+    blob = bytearray(encode_frame(0, Stream.DISK, [rec], [payload], None).blob)
+    blob[FRAME_HEAD_SIZE + byte] = 0x01  # the record table starts the payload
+    head = bytes(blob[:FRAME.size])
+    stored = bytes(blob[FRAME_HEAD_SIZE:])
+    digest = hashlib.sha256(head + stored).digest()
+    with pytest.raises(CorruptError, match="reserved"):
+        decode_payload(parse_frame_head(head, digest), stored)
+
+
+def test_index_reserved_bytes_must_be_zero(small_pair, h):
+    parts = h.parse_parts(small_pair.multi)
+    entry = list(parts.index[1])
+    entry[6] = 0x0100
+    parts.index[1] = tuple(entry)
+    data = h.compose(parts, reindex=False)
+    with pytest.raises(CorruptError, match="reserved"):
+        read_footer(io.BytesIO(data))
+    check_rejected(data)
+
+
+@pytest.mark.parametrize("field", [7, 8], ids=["first-target", "end"])
+def test_index_target_ranges_must_be_the_records(small_pair, h, field):
+    parts = h.parse_parts(small_pair.multi)
+    entry = list(parts.index[1])
+    entry[field] += BLOCK
+    parts.index[1] = tuple(entry)
+    check_rejected(h.compose(parts, reindex=False))
+
+
+def test_writer_names_the_feature_bits_it_sets():
+    out = io.BytesIO()
+    OverlayWriter(out).write_header(disk_manifest_for(4096),
+                                    incompat=Incompat.ENCRYPTED | Incompat.MEMORY)
+    manifest = parse_header(io.BytesIO(out.getvalue())).manifest
+    assert manifest["feature_names"] == {"incompat": {"0": "encryption", "2": "memory"}}
+    assert set(FEATURE_NAMES["incompat"]) == set(Incompat) - {Incompat.NONE}  # all named
+
+
+@pytest.mark.parametrize("names,shown", [
+    ({"5": "zstd-dictionary"}, "feature 'zstd-dictionary' (bit 5)"),
+    ({}, "feature bit 5"),
+    ({"5": "\x1b[31mred"}, "feature bit 5"),  # never echo control bytes from a file
+    ({"5": 7}, "feature bit 5"),
+], ids=["named", "unnamed", "escape", "not-text"])
+def test_unknown_incompat_bit_is_reported_by_name(small_pair, h, names, shown):
+    manifest = json.loads(h.parse_parts(small_pair.overlay).manifest)
+    manifest["feature_names"] = {"incompat": names}
+    data = h.reheader(small_pair.overlay, incompat=1 << 5, manifest=manifest)
+    with pytest.raises(UnsupportedError) as info:
+        parse_header(io.BytesIO(data))
+    assert f"needs {shown}," in str(info.value)
+    assert "\x1b" not in str(info.value)
+
+
+def test_unknown_incompat_bits_with_malformed_names_are_still_unsupported(small_pair, h):
+    manifest = json.loads(h.parse_parts(small_pair.overlay).manifest)
+    for table in ([1, 2], {"incompat": [1]}, "x"):
+        manifest["feature_names"] = table
+        data = h.reheader(small_pair.overlay, incompat=(1 << 5) | (1 << 40), manifest=manifest)
+        with pytest.raises(UnsupportedError, match="features bit 5, bit 40"):
+            parse_header(io.BytesIO(data))
+
+
+def memory_manifest() -> dict:
+    manifest = disk_manifest_for(1 << 20)
+    manifest["base"]["memory"] = {"size": 8192, "digest": "sha256:" + "1" * 64}
+    manifest["streams"].append({"id": 1, "kind": "memory", "virtual_size": 8192, "machine": {
+        "machine": "pc", "cpu": "qemu64", "ram_size": 4096, "qemu_version": "7.2.0", "cpus": 1,
+        "vga": False, "kernel_boot": False, "extra_args": [], "accel": ""}})
+    return manifest
+
+
+@pytest.mark.parametrize("minor,incompat,outcome", [
+    (2, Incompat.MEMORY, "ok"), (1, Incompat.MEMORY, "ok"), (7, Incompat.MEMORY, "ok"),
+    (1, 0, "legacy"), (2, 0, "corrupt"), (0, 0, "corrupt"), (3, 0, "corrupt")])
+def test_a_memory_stream_needs_the_memory_bit_except_in_1_1(minor, incompat, outcome):
+    out = io.BytesIO()
+    OverlayWriter(out).write_header(memory_manifest(), incompat=incompat, minor=minor)
+    if outcome == "corrupt":
+        with pytest.raises(CorruptError, match="memory feature bit"):
+            parse_header(io.BytesIO(out.getvalue()))
+        return
+    header = parse_header(io.BytesIO(out.getvalue()))
+    assert header.memory
+    assert header.incompat == incompat  # the bits as stored; the legacy one is implied
+    assert header.implied == (Incompat.MEMORY if outcome == "legacy" else 0)
+
+
+def test_a_disk_only_header_does_not_imply_memory(small_pair, h):
+    for minor in (0, 1, 2):
+        header = parse_header(io.BytesIO(h.reheader(small_pair.overlay, minor=minor)))
+        assert not header.memory
+
+
+def test_a_header_spliced_onto_another_body_is_refused(small_pair, h):
+    """Two overlays of the same change, differing only in their manifests: the header of one
+    with the frames, summary and index of the other (all digests valid)."""
+    parts = h.parse_parts(small_pair.overlay)
+    manifest = json.loads(parts.manifest)
+    manifest["created_by"] = "another writer"
+    parts.manifest = canonical_json(manifest)
+    spliced = h.compose(parts, rebind=False)
+    with pytest.raises(CorruptError, match="another header"):
+        verify(io.BytesIO(spliced))
+    assert verify(io.BytesIO(h.compose(parts))).replay.frames == 1  # rebound: accepted
+
+
+def test_a_summary_without_header_digest_is_read_as_before(small_pair, h):
+    """Files of minor 0 and 1 have no header_digest: nothing to compare (SPEC.md 5)."""
+    parts = h.parse_parts(small_pair.overlay)
+    summary = json.loads(parts.summary)
+    del summary["header_digest"]
+    parts.summary = canonical_json(summary)
+    for minor in (1, 2):
+        parts.minor = minor
+        assert verify(io.BytesIO(h.compose(parts))).replay.frames == 1
+
+
+BAD_DIGESTS = ["sha256:" + "0" * 63, "sha256:" + "A" * 64, "sha256:" + "0" * 65,
+               "SHA256:" + "0" * 64, "sha512:" + "0" * 128, "md5:" + "0" * 32, "0" * 64,
+               "sha256:" + "g" * 64, " sha256:" + "0" * 64, "sha256:" + "0" * 64 + "\n", 7,
+               ["sha256:" + "0" * 64], {"sha256": "0" * 64}]
+
+
+@pytest.mark.parametrize("key", ["result_digest", "header_digest"])
+@pytest.mark.parametrize("value", BAD_DIGESTS, ids=lambda v: repr(v)[:24])
+def test_malformed_digest_strings_in_the_summary_are_corrupt(small_pair, h, tmp_path, key,
+                                                             value):
+    parts = h.parse_parts(small_pair.overlay)
+    summary = json.loads(parts.summary)
+    summary[key] = value
+    parts.summary = canonical_json(summary)
+    data = h.compose(parts, rebind=False)
+    check_rejected(data)
+    path = tmp_path / "crafted.vmo"
+    path.write_bytes(data)
+    with pytest.raises(CorruptError):
+        describe(path)
+
+
+@pytest.mark.parametrize("where", ["base", "memory"])
+@pytest.mark.parametrize("value", BAD_DIGESTS, ids=lambda v: repr(v)[:24])
+def test_malformed_digest_strings_in_the_manifest_are_corrupt(where, value):
+    manifest = memory_manifest() if where == "memory" else disk_manifest_for(1 << 20)
+    (manifest["base"]["memory"] if where == "memory" else manifest["base"])["digest"] = value
+    out = io.BytesIO()
+    w = OverlayWriter(out)
+    w.write_header(manifest, incompat=Incompat.MEMORY if where == "memory" else 0)
+    w.finish({"result_digest": "sha256:" + "0" * 64})
+    check_rejected(out.getvalue())
+
+
+def test_media_types():
+    assert MEDIA_TYPE == "application/vnd.vmsynth.overlay.v1"
+    assert vmem.MEDIA_TYPE == "application/vnd.vmsynth.vmem.v1"
+
+
+# Optional sections (SPEC.md 2.1)
+
+BINARY = bytes(range(256)) * 3  # every byte value: bodies are binary
+
+
+def overlay_with_sections(place: dict[int, list[tuple[bytes, bytes]]], frames: int = 2,
+                          sealer=None, manifest: dict | None = None) -> bytes:
+    """An overlay of `frames` small frames with optional sections written before frame i
+    (`place[i]`; i == frames: after the last frame)."""
+    out = io.BytesIO()
+    w = OverlayWriter(out)
+    w.write_header(manifest or disk_manifest_for(1 << 20),
+                   incompat=Incompat.ENCRYPTED if sealer else 0)
+    if sealer is not None:
+        sealer = sealer(w.header_digest)
+    for seq in range(frames + 1):
+        for tag, body in place.get(seq, []):
+            w.write_section(tag, body, sealer)
+        if seq < frames:
+            rec, payload = data_record(seq * BLOCK, bytes([seq + 1]) * 100)
+            w.write_frame(encode_frame(seq, Stream.DISK, [rec], [payload], None, sealer))
+    w.finish({"result_digest": "sha256:" + "0" * 64}, sealer)
+    return out.getvalue()
+
+
+def test_optional_sections_are_verified_and_skipped():
+    place = {0: [(b"wset", BINARY)], 1: [(b"aaaa", b""), (b"zZ09", b"x")], 2: [(b"tail", b"t")]}
+    data = overlay_with_sections(place)
+    report = verify(io.BytesIO(data))
+    assert report.replay.frames == 2 and report.overlay_bytes == len(data)
+    stream = OverlayStream(io.BytesIO(data), keep=frozenset({"wset", "tail"}))
+    assert [f.head.seq for f in stream.frames()] == [0, 1]
+    assert [(s.tag, s.length) for s in stream.sections] == [
+        ("wset", len(BINARY)), ("aaaa", 0), ("zZ09", 1), ("tail", 1)]
+    assert stream.section_bodies == {0: BINARY, 3: b"t"}  # only the ones asked for
+    listed = stream.summary()["sections"]
+    assert listed == [s.to_json() for s in stream.sections]
+    for s in stream.sections:  # where the summary says, for a reader with random access
+        head = data[s.offset: s.offset + SECTION.size + DIGEST_SIZE]
+        body = data[s.offset + SECTION.size + DIGEST_SIZE:][: s.length]
+        assert SECTION.unpack(head[:SECTION.size]) == (s.tag.encode(), s.length)
+        assert hashlib.sha256(head[:SECTION.size] + body).digest() == head[SECTION.size:]
+    assert read_footer(io.BytesIO(data)).summary["sections"] == listed
+
+
+def test_an_overlay_without_sections_lists_none():
+    data = overlay_with_sections({})
+    assert "sections" not in read_footer(io.BytesIO(data)).summary
+
+
+def test_a_rebuild_skips_an_unknown_section(small_pair):
+    """The same change with a section in front of its frame rebuilds to the same disk."""
+    data = with_section_in_front(small_pair.overlay, b"wset", BINARY)
+    assert [e["tag"] for e in read_footer(io.BytesIO(data)).summary["sections"]] == ["wset"]
+    base = bases.load_path(small_pair.base_path)
+    try:
+        report = verify(io.BytesIO(data), base)
+    finally:
+        base.close()
+    assert report.replay.result_digest == small_pair.report.summary["result_digest"]
+
+
+def with_section_in_front(data: bytes, tag: bytes, body: bytes) -> bytes:
+    """A plain overlay rewritten by the writer with an optional section before its frames."""
+    stream = OverlayStream(io.BytesIO(data))
+    frames = [(f.head, data[f.offset: f.offset + FRAME_HEAD_SIZE + f.head.stored_length])
+              for f in stream.frames()]
+    assert stream.footer is not None and stream.footer.summary is not None
+    out = io.BytesIO()
+    w = OverlayWriter(out)
+    h = stream.header
+    w.write_header({k: v for k, v in h.manifest.items() if k != "feature_names"}, h.incompat,
+                   h.compat, h.minor)
+    w.write_section(tag, body)
+    for (head, blob), entry in zip(frames, stream.footer.index, strict=True):
+        w.write_frame(EncodedFrame(head, blob, entry.target_start, entry.target_end))
+    w.finish({k: v for k, v in stream.footer.summary.items() if k != "header_digest"})
+    return out.getvalue()
+
+
+def test_a_damaged_section_is_corrupt():
+    data = bytearray(overlay_with_sections({1: [(b"wset", BINARY)]}))
+    pos = bytes(data).index(b"wset")
+    data[pos + 40 + 100] ^= 0x01  # one bit of the body
+    with pytest.raises(CorruptError, match="digest"):
+        verify(io.BytesIO(bytes(data)))
+
+
+def test_a_section_declaring_too_much_is_refused_before_reading(h):
+    data = bytearray(overlay_with_sections({0: [(b"wset", BINARY)]}))
+    pos = bytes(data).index(b"wset")
+    struct.pack_into("<I", data, pos + 4, MAX_OPTIONAL + 1)
+    head = bytes(data[pos: pos + 8])
+    data[pos + 8: pos + 40] = hashlib.sha256(head + bytes(MAX_OPTIONAL + 1)).digest()
+    reader = h.GuardedReader(bytes(data), limit=1 << 20)
+    with pytest.raises(CorruptError, match="too large"):
+        verify(reader)
+    assert reader.largest <= 1 << 10
+
+
+def test_too_many_sections_are_refused():
+    many = {0: [(b"wset", b"")] * MAX_OPTIONAL_COUNT}
+    assert verify(io.BytesIO(overlay_with_sections(many))).replay.frames == 2
+    data = overlay_with_sections(many)
+    pos = data.index(FRAME_TAG, len(data) // 100)
+    extra = SECTION.pack(b"wset", 0)
+    extra += hashlib.sha256(extra).digest()
+    with pytest.raises(CorruptError, match="too many|one too many"):
+        verify(io.BytesIO(data[:pos] + extra + data[pos:]))
+    with pytest.raises(ValueError):
+        overlay_with_sections({0: [(b"wset", b"")] * (MAX_OPTIONAL_COUNT + 1)})
+
+
+def test_sections_the_summary_does_not_list_are_corrupt():
+    data = overlay_with_sections({0: [(b"wset", b"body")], 1: [(b"more", b"x")]})
+    summary = read_footer(io.BytesIO(data)).summary
+    for listed in ([], summary["sections"][:1], summary["sections"][::-1],
+                   [summary["sections"][0] | {"length": 5}, summary["sections"][1]],
+                   summary["sections"] + [summary["sections"][1]]):
+        with pytest.raises(CorruptError, match="sections"):
+            verify(io.BytesIO(with_summary(data, summary | {"sections": listed})))
+
+
+@pytest.mark.parametrize("listed", [{}, [1], [{"tag": "WSET", "offset": 1, "length": 0,
+                                                "digest": "sha256:" + "0" * 64}],
+                                    [{"tag": "wset", "offset": "1", "length": 0,
+                                      "digest": "sha256:" + "0" * 64}]],
+                         ids=["object", "number", "critical-tag", "offset-text"])
+def test_a_malformed_section_list_is_corrupt(listed, tmp_path):
+    data = with_summary(overlay_with_sections({}), {"result_digest": "sha256:" + "0" * 64,
+                                                    "sections": listed})
+    check_rejected(data)
+    path = tmp_path / "crafted.vmo"
+    path.write_bytes(data)
+    with pytest.raises(CorruptError, match="sections"):
+        describe_footer(path)
+
+
+def describe_footer(path):
+    with open(path, "rb") as f:
+        header = parse_header(f)
+        return check_summary(read_footer(f).summary, header)
+
+
+def with_summary(data: bytes, summary: dict) -> bytes:
+    """A plain overlay with its summary replaced (header digest kept bound), all else fixed."""
+    s_off = read_footer(io.BytesIO(data)).summary_offset
+    header = parse_header(io.BytesIO(data))
+    summary = summary | {"header_digest": header.digest_string}
+    body = canonical_json(summary)
+    tail = SECTION.pack(SUMMARY_TAG, len(body)) + body
+    index_offset = s_off + len(tail)
+    old_index = data.index(b"INDX", s_off)
+    tail += data[old_index: len(data) - TRAILER.size]
+    prefix = TRAILER.pack(TRAILER_MAGIC, s_off, index_offset, s_off + len(tail) + TRAILER.size,
+                          bytes(DIGEST_SIZE))[:-DIGEST_SIZE]
+    return data[:s_off] + tail + prefix + hashlib.sha256(tail + prefix).digest()
+
+
+@pytest.mark.parametrize("tag", [b"ABCD", b"Wset", b"a-bc", b"a\0\0\0", b"\xe9abc"])
+def test_an_unknown_critical_or_malformed_tag_is_corrupt(tag):
+    data = overlay_with_sections({1: [(b"wset", b"body")]})
+    pos = data.index(b"wset")
+    body = b"body"
+    section = tag + struct.pack("<I", len(body))
+    section += hashlib.sha256(section + body).digest() + body
+    with pytest.raises(CorruptError, match="unexpected bytes"):
+        verify(io.BytesIO(data[:pos] + section + data[pos + len(section):]))
+
+
+def test_sealed_sections_open_only_with_their_key_and_place():
+    master, file_id = bytes(range(32)), bytes(16)
+    data = overlay_with_sections({0: [(b"wset", BINARY)], 2: [(b"tail", b"t")]},
+                                 sealer=lambda hd: Sealer(master, file_id, hd),
+                                 manifest=disk_manifest_for(1 << 20) | {"encryption": {}})
+    stream = OverlayStream(io.BytesIO(data), keep=frozenset({"wset", "tail"}))
+    sealer = Sealer(master, file_id, stream.header.digest)
+    for frame in stream.frames():
+        decode_payload(frame.head, frame.stored, sealer)
+    assert [s.length for s in stream.sections] == [len(BINARY) + 16, 1 + 16]
+    assert BINARY not in data  # sealed
+    heads = [SECTION.pack(s.tag.encode(), s.length) for s in stream.sections]
+    assert sealer.open_section(heads[0], 0, stream.section_bodies[0]) == BINARY
+    assert sealer.open_section(heads[1], 1, stream.section_bodies[1]) == b"t"
+    with pytest.raises(CorruptError, match="authentication"):  # the ordinal is in the nonce
+        sealer.open_section(heads[0], 1, stream.section_bodies[0])
+    with pytest.raises(CorruptError, match="authentication"):  # the head is associated data
+        sealer.open_section(SECTION.pack(b"wsex", len(BINARY) + 16), 0, stream.section_bodies[0])
+    assert stream.summary(sealer)["sections"] == [s.to_json() for s in stream.sections]
+
+
+# scrypt (SPEC.md 8): what a crafted header may make a reader spend once a passphrase is given
+
+@pytest.mark.parametrize("n,r,p", [(1 << 15, 8, 1), (1 << 18, 8, 1), (1 << 16, 32, 1),
+                                   (1 << 15, 8, 16), (2, 1, 1), (1 << 20, 2, 1)],
+                         ids=["default", "256MiB", "256MiB-r32", "work-16x", "least", "n-max"])
+def test_scrypt_within_the_bounds_is_accepted(n, r, p):
+    check_scrypt(n, r, p)
+    assert 128 * n * r <= 256 << 20 and n * r * p <= 16 * (1 << 15) * 8
+
+
+@pytest.mark.parametrize("n,r,p", [
+    (1 << 19, 8, 1),  # 512 MiB
+    (1 << 17, 32, 1),  # 512 MiB, each within the old per-parameter limits
+    (1 << 20, 32, 16),  # the old limits' 4 GiB
+    (1 << 16, 8, 16),  # 64 MiB, but 32 times the default's work
+    (1 << 18, 8, 3),  # 256 MiB, and 1.5 times the work bound
+    (1 << 21, 1, 1), (3 << 10, 8, 1), (1, 8, 1), (1 << 15, 0, 1), (1 << 15, 8, 0),
+    (1 << 15, 33, 1), (1 << 15, 8, 17)])
+def test_scrypt_beyond_the_bounds_is_unsupported(n, r, p):
+    with pytest.raises(UnsupportedError):
+        check_scrypt(n, r, p)
+
+
+def test_scrypt_default_is_what_writers_use():
+    assert SCRYPT_DEFAULT == {"n": 1 << 15, "r": 8, "p": 1}
+    check_scrypt(**SCRYPT_DEFAULT)
+
+
+# ------------------------------------------------------------------------------ SPEC.md's examples
+# Every ```json block of SPEC.md is tagged with what it shows and the vector it comes from;
+# each is checked against the code and that vector, so the examples cannot drift.
+
+SPEC_PATH = Path(__file__).resolve().parents[1] / "formats" / "SPEC.md"
+VECTOR_DIR = SPEC_PATH.parent / "vectors"
+SPEC_JSON = re.findall(r"^```json([^\n]*)\n(.*?)^```$", SPEC_PATH.read_text(),
+                       re.MULTILINE | re.DOTALL)
+
+
+def spec_examples(kind: str) -> list[tuple[str, object]]:
+    return [(info.split()[1], json.loads(body)) for info, body in SPEC_JSON
+            if info.split()[0] == kind]
+
+
+def test_every_spec_json_example_is_tagged_and_checked():
+    kinds = {"manifest", "summary", "encryption", "vmem-header", "descriptor", "vector"}
+    assert len(SPEC_JSON) >= 7
+    for info, body in SPEC_JSON:
+        words = info.split()
+        assert len(words) == 2 and words[0] in kinds, f"untagged example: ```json{info}"
+        assert (VECTOR_DIR / words[1]).is_file(), words[1]
+        json.loads(body)  # each is one JSON text
+    assert {info.split()[0] for info, _ in SPEC_JSON} == kinds  # each kind is shown
+
+
+def vector_parts(name: str):
+    data = (VECTOR_DIR / name).read_bytes()
+    header = parse_header(io.BytesIO(data))
+    return data, header, read_footer(io.BytesIO(data), header.encrypted)
+
+
+@pytest.mark.parametrize("name,example", spec_examples("manifest"))
+def test_spec_manifest_example(name, example):
+    _, header, _ = vector_parts(name)
+    assert example == header.manifest
+    manifest = read_manifest(example)  # the engine's checks
+    assert manifest.base.digest == example["base"]["digest"]
+    assert (manifest.memory is not None) == header.memory
+
+
+@pytest.mark.parametrize("name,example", spec_examples("summary"))
+def test_spec_summary_example(name, example):
+    _, header, footer = vector_parts(name)
+    assert example == footer.summary
+    assert check_summary(example, header) == example
+    assert example["header_digest"] == header.digest_string
+
+
+@pytest.mark.parametrize("name,example", spec_examples("encryption"))
+def test_spec_encryption_example(name, example):
+    _, header, _ = vector_parts(name)
+    assert example == {"encryption": header.manifest["encryption"]}
+    kdf = example["encryption"]["kdf"]
+    check_scrypt(kdf["n"], kdf["r"], kdf["p"])
+
+
+@pytest.mark.parametrize("name,example", spec_examples("vmem-header"))
+def test_spec_vmem_header_example(name, example):
+    with open(VECTOR_DIR / name, "rb") as f:
+        head = vmem.read_tail(f, name)
+    assert example["digest"] == head.digest and example["state_size"] == head.state_size
+    assert example["version"] == vmem.VERSION and example["format"] == vmem.FORMAT
+    assert MachineInfo.from_json(example["machine"], "SPEC.md") == head.machine
+    assert canonical_json(example) == (VECTOR_DIR / name).read_bytes()[
+        head.size: -vmem.TRAILER.size]
+
+
+@pytest.mark.parametrize("name,example", spec_examples("descriptor"))
+def test_spec_descriptor_example(name, example):
+    data = (VECTOR_DIR / name).read_bytes()
+    assert example == {"digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                       "mediaType": MEDIA_TYPE, "size": len(data)}
+
+
+@pytest.mark.parametrize("name,example", spec_examples("vector"))
+def test_spec_vector_example(name, example):
+    doc = json.loads((VECTOR_DIR / "vectors.json").read_text())
+    assert example == doc["vectors"][name]
+
+
+def test_spec_names_the_media_types_and_feature_bits():
+    text = SPEC_PATH.read_text()
+    assert f"`{MEDIA_TYPE}`" in text and f"`{vmem.MEDIA_TYPE}`" in text
+    for bit, name in FEATURE_NAMES["incompat"].items():
+        assert f"| {bit.bit_length() - 1} | `{name}` |" in text

@@ -178,7 +178,7 @@ def test_memory_roundtrip_rebuilds_the_snapshot_exactly(cli, h, small_pair, pair
     overlay = tmp_path / "app.vmo"
     make(cli, small_pair, pair, overlay)
     info = cli("inspect", overlay, "--json").json()
-    assert info["format_version"] == "1.1"
+    assert info["format_version"] == "1.2"
     assert info["memory"]["blocks"] == pair.expected
     assert info["memory"]["ram_size"] == RAM and info["memory"]["frames"] >= 1
     assert info["base"]["memory"]["digest"] == memory.read_vmem(pair.base_vmem).digest

@@ -23,8 +23,6 @@ import zstandard
 from vmsynth.formats.container import OverlayWriter
 from vmsynth.formats.frames import EncodedFrame, Record, SolidCompressor, encode_frame
 from vmsynth.formats.layout import (
-    MINOR,
-    MINOR_MEMORY,
     RECORD,
     SOLID_WINDOW_LOG,
     Incompat,
@@ -298,14 +296,15 @@ def create(base: Base, disk: Image, out: BinaryIO, level: int = 3,
     total = sum(n for _, n in ranges) + (memory.virtual_size if memory else 0)
     writer = OverlayWriter(out)
     head = manifest(base, disk.virtual_size, level, memory, solid)
-    minor = MINOR_MEMORY if memory is not None else MINOR
     incompat = Incompat.SOLID if solid else Incompat.NONE
+    if memory is not None:
+        incompat |= Incompat.MEMORY
     sealer = None
     if key is None:
-        writer.write_header(head, incompat=incompat, minor=minor)
+        writer.write_header(head, incompat=incompat)
     else:
         head["encryption"], master, file_id = encryption_for_new(key)
-        writer.write_header(head, incompat=incompat | Incompat.ENCRYPTED, minor=minor)
+        writer.write_header(head, incompat=incompat | Incompat.ENCRYPTED)
         sealer = Sealer(master, file_id, writer.header_digest)
     queue = _FrameQueue(writer, level, sealer, solid)
     done = 0

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import zstandard
 
-from vmsynth.formats.container import OverlayStream, open_summary
+from vmsynth.formats.container import OverlayStream, is_digest
 from vmsynth.formats.frames import FrameHead, Record, SolidDecompressor, decode_payload
 from vmsynth.formats.layout import MAX_FRAME_RAW, RECORD, Kind, Stream
 from vmsynth.formats.seal import Sealer
@@ -74,6 +74,15 @@ def _text(value: object, what: str) -> str:
     return value
 
 
+def _digest(value: object, what: str) -> str:
+    """A digest string (SPEC.md 12): `sha256:` and 64 lowercase hex digits, nothing else."""
+    if not is_digest(value):
+        raise CorruptOverlayError(f"overlay manifest has a malformed {what}: "
+                                  f"{str(value)[:80]!r}")
+    assert isinstance(value, str)
+    return value
+
+
 def read_manifest(manifest: dict) -> Manifest:
     """The manifest's fields that rebuilding needs, each checked for type and range."""
     try:
@@ -90,7 +99,7 @@ def read_manifest(manifest: dict) -> Manifest:
             if not isinstance(base_mem, dict):
                 raise TypeError("base.memory")
             base_memory = MemoryIdentity(_size(base_mem["size"], "base memory size"),
-                                         _text(base_mem["digest"], "base memory digest"))
+                                         _digest(base_mem["digest"], "base memory digest"))
             memory = StreamInfo(_stream_id(mem, Stream.MEMORY),
                                 _size(mem["virtual_size"], "memory size"), base_memory.size,
                                 MachineInfo.from_json(mem["machine"], "overlay manifest"))
@@ -99,7 +108,7 @@ def read_manifest(manifest: dict) -> Manifest:
         identity = Identity(_text(base["name"], "base name"),
                             _text(base["version"], "base version"),
                             _size(base["virtual_size"], "base size"),
-                            _text(base["digest"], "base digest"), base_memory)
+                            _digest(base["digest"], "base digest"), base_memory)
         out = Manifest(identity, _size(manifest["block_size"], "block size"),
                        StreamInfo(_stream_id(disk, Stream.DISK),
                                   _size(disk["virtual_size"], "disk size"),
@@ -217,9 +226,8 @@ def replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] | 
         digests.close()
     if report.result_digest is None:
         return report
-    assert overlay.footer is not None
-    summary = open_summary(overlay.footer, sealer)  # sealed: authenticates the frame count
-    if report.result_digest != summary.get("result_digest"):
+    summary = overlay.summary(sealer)  # sealed: authenticates the frame count
+    if report.result_digest != summary["result_digest"]:
         raise CorruptOverlayError("the rebuilt disk's digest does not match the overlay's "
                                   "(wrong base contents, or a damaged overlay)",
                                   hint="check that the base file is intact, and fetch the "
@@ -234,7 +242,10 @@ def _replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] |
     rebuild = bases is not None and sinks is not None
     stream, end = -1, 0  # streams ascend; within one, records ascend without overlap
     frames = records = changed = 0
+    ranges = []  # each frame's (first target, end of last record): the index must agree
     for dec in decoded_frames(overlay, bases, sealer):
+        rs = dec.records
+        ranges.append((rs[0].target, rs[-1].target + rs[-1].length) if rs else (0, 0))
         info = streams.get(dec.head.stream)
         if info is None:
             raise UnsupportedFormatError(f"frame {dec.head.seq} is for a stream the overlay's "
@@ -250,11 +261,11 @@ def _replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] |
                 raise CorruptOverlayError(f"{where} is out of order or outside its stream")
             if r.kind is Kind.BASE and r.source + r.length > info.base_size:
                 raise CorruptOverlayError(f"{where} refers past the end of the base")
-            if r.kind is Kind.DISK and (info.id == Stream.DISK or
-                                        r.source + r.length > manifest.disk.base_size):
+            if r.kind in (Kind.DISK, Kind.DISK_COPY) and info.id == Stream.DISK:
+                raise CorruptOverlayError(f"{where}: a {r.kind.name} record in a disk frame")
+            if r.kind is Kind.DISK and r.source + r.length > manifest.disk.base_size:
                 raise CorruptOverlayError(f"{where} refers past the end of the base disk")
-            if r.kind is Kind.DISK_COPY and (info.id == Stream.DISK or
-                                             r.source + r.length > manifest.disk.virtual_size):
+            if r.kind is Kind.DISK_COPY and r.source + r.length > manifest.disk.virtual_size:
                 raise CorruptOverlayError(f"{where} refers past the end of the rebuilt disk")
             if r.kind is Kind.COPY and r.source + r.length > r.target:
                 raise CorruptOverlayError(f"{where} copies from a region not yet rebuilt")
@@ -286,8 +297,11 @@ def _replay(overlay: OverlayStream, manifest: Manifest, bases: dict[int, Read] |
         if progress:
             progress(dec.head.stored_length)
     assert overlay.footer is not None
+    if [(e.target_start, e.target_end) for e in overlay.footer.index] != ranges:
+        raise CorruptOverlayError("the overlay's index gives frames target ranges their "
+                                  "records do not have")
     if not rebuild:
-        open_summary(overlay.footer, sealer)  # sealed: authenticates the frame count
+        overlay.summary(sealer)  # sealed: authenticates the frame count
         return ReplayReport(frames, records, changed, None)
     return ReplayReport(frames, records, changed, "sha256:" + digests.total_hexdigest())
 

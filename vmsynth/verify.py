@@ -8,8 +8,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmsynth.formats.container import Footer, OverlayStream, open_summary, read_footer
-from vmsynth.formats.layout import Stream
+from vmsynth.formats.container import (
+    Footer,
+    OverlayStream,
+    check_summary,
+    open_summary,
+    read_footer,
+)
+from vmsynth.formats.layout import FEATURE_NAMES, MEDIA_TYPE, Stream
 
 from .apply import rebuild
 from .bases import Base
@@ -91,7 +97,8 @@ def describe(path: Path, key: Key | None = None) -> dict[str, Any]:
                                  isinstance(encryption["kdf"].get("name"), str)):
         raise CorruptOverlayError("overlay's encryption block is malformed")
     sealer = sealer_for(header, key) if key is not None or not header.encrypted else None
-    summary: dict[str, Any] = open_summary(footer, sealer) if sealer or not header.encrypted \
+    summary: dict[str, Any] = check_summary(open_summary(footer, sealer), header) \
+        if sealer or not header.encrypted \
         else {"payload_raw_bytes": sum(e.raw_length for e in footer.index),
               "payload_stored_bytes": sum(e.stored_length for e in footer.index)}
     try:
@@ -105,6 +112,9 @@ def describe(path: Path, key: Key | None = None) -> dict[str, Any]:
     return {
         "path": str(path),
         "format_version": f"{header.major}.{header.minor}",
+        "media_type": MEDIA_TYPE,
+        "features": _features(header.incompat | header.implied),
+        "header_digest": header.digest_string,
         "base": _base_json(manifest),
         "sizes": {"overlay": size, "payload_uncompressed": raw, "payload_stored": stored,
                   "virtual_disk": manifest.virtual_size},
@@ -121,7 +131,14 @@ def describe(path: Path, key: Key | None = None) -> dict[str, Any]:
         "transfer_seconds": {"overlay": transfer_seconds(size),
                              "full_disk": transfer_seconds(manifest.virtual_size)},
         "memory": _memory_part(manifest, footer, summary),
+        "sections": [{"tag": e["tag"], "length": e["length"]}
+                     for e in summary.get("sections", [])],  # optional: skipped by rebuilds
     }
+
+
+def _features(incompat: int) -> list[str]:
+    """The names of the incompatible features an overlay uses (all known: it was read)."""
+    return [name for bit, name in FEATURE_NAMES["incompat"].items() if incompat & bit]
 
 
 def _base_json(manifest: Manifest) -> dict[str, Any]:

@@ -1,32 +1,28 @@
 #!/usr/bin/env python3
-"""Generate the overlay test vectors in this folder.
+"""Generate the overlay and .vmem test vectors in this folder (SPEC.md section 13).
 
     .venv/bin/python formats/vectors/make_vectors.py [OUTDIR]   (default: this folder)
 
-A tiny base and a customized disk are built in pure Python (no qemu-img), and `vmsynth
-create` diffs them into good.vmo. Each bad vector is good.vmo damaged in one way. vectors.json
-says what a reader must do with each file: accept it (and rebuild the disk whose SHA-256 is
-given), or refuse it with the named error and exit code.
+A tiny base and a customized disk are built in pure Python, and `vmsynth create` diffs them
+into good.vmo. The base's bytes are written beside the vectors (base.disk.zst: its virtual
+contents, zstd-compressed; base.vmem.zst: its memory snapshot), so that another
+implementation needs nothing of this code to use the vectors. vectors.json says what a
+reader must do with each file, as a format-level outcome (ok, corrupt, unsupported,
+wrong-key, base-mismatch) with the vmsynth CLI's exit code beside it, and which numbered
+MUSTs of SPEC.md the file exercises (`covers`).
 
-The mem-*.vmo vectors (format 1.1) also carry a memory stream: the app's memory snapshot
-against the base's, both made by `build_memory` (rebuilt by readers from the recipe, like the
-disks), with one page of every memory record kind; `memory.digest` is the rebuilt snapshot's.
+Most bad vectors are good.vmo damaged in one way with every other digest recomputed; the
+ones about records and frames are small overlays written from explicit records for the
+vectors' base (`crafted`). The mem-*.vmo vectors carry a memory stream (incompat bit 2); the
+mem-solid-*.vmo are solid (incompat bit 1). The enc-*.vmo are encrypted with the key file
+vectors.key (32 fixed bytes) or the passphrase PASSPHRASE: for them `outcome` is what a
+reader given no key must do, `key` names the key and `with_key` the outcome with it. The
+vmem-*.vmem are memory snapshot files (SPEC.md section 11).
 
-The mem-solid-*.vmo vectors are the same disk and memory as a solid overlay (incompat bit 1,
-SPEC.md section 4.2: all frames one zstd stream), in several frames; the bad one declares one
-byte less than its first frame's piece decodes to.
-
-The enc-*.vmo vectors are encrypted (SPEC.md section 8), with the key file vectors.key
-(committed beside them, 32 fixed bytes) or the passphrase PASSPHRASE. For them the top-level
-outcome is what a reader given no key must do (refuse, exit 20); `key` names the key and
-`with_key` is the outcome for a reader given it. The tampered ones are damaged so that only
-the authenticated encryption can tell (frame digests, index and trailer are recomputed).
-
-The output is deterministic: the images are made from fixed patterns, the manifest's
-`created_by` is pinned so that a new vmsynth version does not change the files, and the
-encrypted vectors use fixed file ids and salts (vmsynth.keys.Key's test-vector fields) instead
-of random ones. The bytes do depend on the zstd library (frames are compressed);
-tests/test_vectors.py checks that running this script reproduces the committed files exactly.
+The output is deterministic: fixed patterns, `created_by` pinned, fixed file ids and salts
+for the encrypted vectors (vmsynth.keys.Key's test-vector fields). The bytes do depend on
+the zstd library; tests/test_vectors.py checks that this script reproduces the committed
+files exactly. The vectors of earlier versions stay in golden-*/ and are never regenerated.
 """
 
 from __future__ import annotations
@@ -40,7 +36,10 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
-from vmsynth.formats.container import canonical_json
+import zstandard
+from vmsynth.formats import vmem as vmem_codec
+from vmsynth.formats.container import OverlayWriter, canonical_json
+from vmsynth.formats.frames import Record, SolidCompressor, encode_frame
 from vmsynth.formats.layout import (
     DIGEST_SIZE,
     FRAME,
@@ -50,11 +49,23 @@ from vmsynth.formats.layout import (
     INDEX_ENTRY,
     INDEX_TAG,
     MAJOR,
+    MAX_FRAME_RAW,
+    MAX_FRAME_RECORDS,
+    MAX_HEADER,
+    MAX_OPTIONAL,
+    MAX_OPTIONAL_COUNT,
+    MAX_SUMMARY,
+    MEDIA_TYPE,
+    MINOR,
     SECTION,
     SUMMARY_TAG,
     TRAILER,
     TRAILER_MAGIC,
+    Incompat,
+    Kind,
+    Stream,
 )
+from vmsynth.formats.seal import Sealer
 
 from vmsynth import bases, memory
 from vmsynth import create as create_mod
@@ -69,6 +80,7 @@ BASE_NAME, BASE_VERSION = "vectors-base", "1"
 BASE_SIZE = 3 * CLUSTER - 1536  # not a multiple of the block size
 APP_SIZE = BASE_SIZE + 5000  # the app grows the disk
 CREATED_BY = "formats/vectors/make_vectors.py"
+BASE_DISK_FILE, BASE_VMEM_FILE = "base.disk.zst", "base.vmem.zst"
 
 # Encrypted vectors: the key file beside this script, a passphrase (not ASCII, to pin down
 # the UTF-8 encoding), and fixed file ids and salt instead of random ones.
@@ -77,33 +89,109 @@ PASSPHRASE = "vmsynth test vectors \u2713 passphrase"
 FILE_ID = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
 OTHER_FILE_ID = bytes.fromhex("f0e1d2c3b4a5968778695a4b3c2d1e0f")  # the splice donor's
 SALT = bytes.fromhex("a1b2c3d4e5f60718293a4b5c6d7e8f90")
-SCRYPT_TOO_COSTLY = 1 << 21  # above the n = 2^20 every reader must refuse (SPEC.md 8)
+SCRYPT_TOO_COSTLY = {"n": 1 << 21}  # above n = 2^20
+SCRYPT_TOO_MUCH_MEMORY = {"n": 1 << 17, "r": 32}  # each in range, but 512 MiB together
+ZERO_DIGEST = "sha256:" + "0" * 64
 
-# What a reader must do with each vector (the format's contract, not this code's output).
-EXPECTED = {
-    "good.vmo": None,
-    "mem-good.vmo": None,
-    "mem-bad-memory-frame.vmo": ("CorruptOverlayError", 13),
-    "mem-solid-good.vmo": None,
-    "mem-solid-overrun.vmo": ("CorruptOverlayError", 13),
-    "bad-magic.vmo": ("CorruptOverlayError", 13),
-    "truncated.vmo": ("CorruptOverlayError", 13),
-    "bad-digest.vmo": ("CorruptOverlayError", 13),
-    "unknown-version.vmo": ("UnsupportedFormatError", 12),
-    "unknown-feature.vmo": ("UnsupportedFormatError", 12),
+# The outcomes, as SPEC.md section 13 defines them, and the vmsynth CLI's exit codes for them.
+OUTCOMES = {
+    "ok": "the reader accepts the file and rebuilds exactly what vectors.json records",
+    "corrupt": "the file breaks a rule of the format: damaged, truncated or malformed",
+    "unsupported": "the file needs what the reader does not know: a newer major version, an "
+                   "unknown incompatible feature, stream kind, record kind, codec or flag, "
+                   "or derivation parameters beyond the bounds",
+    "wrong-key": "the file is encrypted and the reader has no key, or the wrong one",
+    "base-mismatch": "the file is intact but made for another base",
 }
-NO_KEY = ("WrongKeyError", 20)  # any encrypted vector, read without its key
-# Encrypted vectors: which key opens them, and what a reader given that key must do.
-EXPECTED_ENCRYPTED = {
-    "enc-key-good.vmo": ("key_file", None),
-    "enc-key-bad-tag.vmo": ("key_file", ("CorruptOverlayError", 13)),
-    "enc-key-swapped.vmo": ("key_file", ("CorruptOverlayError", 13)),
-    "enc-key-dropped-last.vmo": ("key_file", ("CorruptOverlayError", 13)),
-    "enc-key-spliced.vmo": ("key_file", ("CorruptOverlayError", 13)),
-    "enc-pass-good.vmo": ("passphrase", None),
-    "enc-pass-bad-tag.vmo": ("passphrase", ("CorruptOverlayError", 13)),
-    "enc-pass-scrypt-too-costly.vmo": ("passphrase", ("UnsupportedFormatError", 12)),
+EXIT_CODES = {"ok": 0, "corrupt": 13, "unsupported": 12, "wrong-key": 20, "base-mismatch": 10}
+VMEM_EXIT_CODES = EXIT_CODES | {"corrupt": 24}  # the CLI's code for a damaged snapshot
+
+# Each vector: its outcome, the SPEC.md MUSTs it exercises, and (where it differs) what a
+# reader that only checks the file, without the base, finds.
+VECTORS: dict[str, tuple[str, list[str], str | None]] = {
+    "good.vmo": ("ok", ["M13", "M26", "M28"], None),
+    "mem-good.vmo": ("ok", ["M7", "M18", "M20"], None),
+    "mem-solid-good.vmo": ("ok", ["M24"], None),
+    "mem-bad-memory-frame.vmo": ("corrupt", ["M13"], None),
+    "mem-solid-overrun.vmo": ("corrupt", ["M24"], None),
+    "mem-no-memory-bit.vmo": ("corrupt", ["M7"], None),
+    "bad-magic.vmo": ("corrupt", ["M2"], None),
+    "truncated.vmo": ("corrupt", ["M31"], None),
+    "bad-digest.vmo": ("corrupt", ["M13"], None),
+    "header-bad-digest.vmo": ("corrupt", ["M5"], None),
+    "header-reserved.vmo": ("corrupt", ["M1"], None),
+    "header-spliced.vmo": ("corrupt", ["M27"], None),
+    "unknown-version.vmo": ("unsupported", ["M3"], None),
+    "unknown-feature.vmo": ("unsupported", ["M6"], None),
+    "unknown-feature-named.vmo": ("unsupported", ["M6"], None),
+    "future-minor.vmo": ("ok", ["M9"], None),
+    "future-keys.vmo": ("ok", ["M9"], None),
+    "future-compat.vmo": ("ok", ["M9"], None),
+    "base-mismatch.vmo": ("base-mismatch", ["M8"], "ok"),
+    "result-digest-mismatch.vmo": ("corrupt", ["M26"], "ok"),
+    "manifest-bad-digest-string.vmo": ("corrupt", ["M11"], None),
+    "summary-bad-digest-string.vmo": ("corrupt", ["M11"], None),
+    "summary-without-header-digest.vmo": ("ok", ["M27"], None),
+    "stream-unknown-kind.vmo": ("unsupported", ["M10"], None),
+    "frame-seq-gap.vmo": ("corrupt", ["M15"], None),
+    "frame-unknown-codec.vmo": ("unsupported", ["M16"], None),
+    "frame-unknown-flag.vmo": ("unsupported", ["M16"], None),
+    "frame-raw-mismatch.vmo": ("corrupt", ["M14"], None),
+    "records-out-of-order.vmo": ("corrupt", ["M17"], None),
+    "records-overlap.vmo": ("corrupt", ["M17"], None),
+    "records-back-across-frames.vmo": ("corrupt", ["M17"], None),
+    "record-zero-length.vmo": ("corrupt", ["M17"], None),
+    "record-past-the-end.vmo": ("corrupt", ["M17"], None),
+    "record-base-past-the-base.vmo": ("corrupt", ["M18"], None),
+    "record-disk-in-disk-stream.vmo": ("corrupt", ["M18"], None),
+    "record-copy-forward.vmo": ("corrupt", ["M19"], None),
+    "record-reserved.vmo": ("corrupt", ["M1"], None),
+    "record-unknown-kind.vmo": ("unsupported", ["M22"], None),
+    "record-stored-mismatch.vmo": ("corrupt", ["M21"], None),
+    "record-delta-wrong-size.vmo": ("corrupt", ["M23"], "ok"),
+    "mem-streams-descending.vmo": ("corrupt", ["M20"], None),
+    "index-mismatch.vmo": ("corrupt", ["M28"], None),
+    "index-range-mismatch.vmo": ("corrupt", ["M28"], None),
+    "index-reserved.vmo": ("corrupt", ["M1"], None),
+    "trailer-bad-digest.vmo": ("corrupt", ["M29"], None),
+    "trailing-bytes.vmo": ("corrupt", ["M30"], None),
+    "bound-header-length.vmo": ("corrupt", ["M4"], None),
+    "bound-frame-raw.vmo": ("corrupt", ["M12"], None),
+    "bound-frame-records.vmo": ("corrupt", ["M12"], None),
+    "bound-records-past-raw.vmo": ("corrupt", ["M12"], None),
+    "bound-stored-not-raw.vmo": ("corrupt", ["M12"], None),
+    "bound-stored-past-zstd-bound.vmo": ("corrupt", ["M12"], None),
+    "bound-summary-length.vmo": ("corrupt", ["M25"], None),
+    "bound-section-length.vmo": ("corrupt", ["M32"], None),
+    "bound-section-count.vmo": ("corrupt", ["M32"], None),
+    "bound-solid-window.vmo": ("corrupt", ["M24"], None),
+    "section-unknown.vmo": ("ok", ["M9", "M32"], None),
+    "section-bad-digest.vmo": ("corrupt", ["M32"], None),
+    "section-critical-tag.vmo": ("corrupt", ["M32"], None),
+    "section-unlisted.vmo": ("corrupt", ["M32"], None),
+    "vmem-good.vmem": ("ok", ["M36"], None),
+    "vmem-version-2.vmem": ("unsupported", ["M36"], None),
+    "vmem-reserved.vmem": ("corrupt", ["M1", "M36"], None),
+    "vmem-header-digest.vmem": ("corrupt", ["M36"], None),
+    "vmem-layout.vmem": ("corrupt", ["M36"], None),
+    "vmem-bad-digest-string.vmem": ("corrupt", ["M11", "M36"], None),
+    "vmem-contents.vmem": ("corrupt", ["M36"], "ok"),
+    "vmem-bound-header.vmem": ("corrupt", ["M36"], None),
 }
+# Encrypted vectors: the key that opens them, the outcome with it, and the MUSTs.
+ENCRYPTED: dict[str, tuple[str, str, list[str]]] = {
+    "enc-key-good.vmo": ("key_file", "ok", ["M33"]),
+    "enc-key-bad-tag.vmo": ("key_file", "corrupt", ["M33"]),
+    "enc-key-swapped.vmo": ("key_file", "corrupt", ["M15", "M33"]),
+    "enc-key-dropped-last.vmo": ("key_file", "corrupt", ["M33"]),
+    "enc-key-spliced.vmo": ("key_file", "corrupt", ["M33"]),
+    "enc-key-section.vmo": ("key_file", "ok", ["M32", "M33"]),
+    "enc-pass-good.vmo": ("passphrase", "ok", ["M33"]),
+    "enc-pass-bad-tag.vmo": ("passphrase", "corrupt", ["M33"]),
+    "enc-pass-scrypt-too-costly.vmo": ("passphrase", "unsupported", ["M34"]),
+    "enc-pass-scrypt-memory.vmo": ("passphrase", "unsupported", ["M34"]),
+}
+UNKNOWN_FEATURE_NAME = "from-the-future"  # what unknown-feature-named.vmo calls its bit 40
 
 
 def pattern_block(tag: str, n: int = BLOCK) -> bytes:
@@ -301,25 +389,6 @@ def _reseal_header(data: bytearray) -> bytes:
     return bytes(data)
 
 
-def damaged(good: bytes) -> dict[str, bytes]:
-    out = {}
-    bad = bytearray(good)
-    bad[1] ^= 0x01  # "V" of the magic becomes "W"
-    out["bad-magic.vmo"] = bytes(bad)
-    first_frame = _header_length(good)
-    out["truncated.vmo"] = good[: first_frame + FRAME_HEAD_SIZE + 10]  # inside frame 0
-    bad = bytearray(good)
-    bad[first_frame + FRAME_HEAD_SIZE + 20] ^= 0x04  # one bit of frame 0's payload
-    out["bad-digest.vmo"] = bytes(bad)
-    bad = bytearray(good)
-    bad[8:10] = (MAJOR + 1).to_bytes(2, "little")  # major version, digest recomputed
-    out["unknown-version.vmo"] = _reseal_header(bad)
-    bad = bytearray(good)
-    bad[16:24] = (1 << 63).to_bytes(8, "little")  # an incompatible-feature bit, resealed
-    out["unknown-feature.vmo"] = _reseal_header(bad)
-    return out
-
-
 # ---------------------------------------------------------------- encrypted vectors
 
 def split_overlay(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bytes,
@@ -395,22 +464,286 @@ def tampered(good: bytes, donor: bytes) -> dict[str, bytes]:
     return out
 
 
-def with_scrypt_n(good: bytes, n: int) -> bytes:
-    """The overlay with its manifest's scrypt `n` replaced (header digest recomputed)."""
-    length = _header_length(good)
-    manifest = json.loads(good[HEADER.size: length - DIGEST_SIZE])
-    manifest["encryption"]["kdf"]["n"] = n
-    body = canonical_json(manifest)
-    fields = list(HEADER.unpack_from(good))
-    fields[3], fields[6] = HEADER.size + len(body) + DIGEST_SIZE, len(body)
-    head = HEADER.pack(*fields) + body
-    rest = good[length:]
-    header, frames, summary, targets = split_overlay(head + hashlib.sha256(head).digest() + rest)
-    return join_overlay(header, frames, summary, targets)  # frame offsets moved
+# ---------------------------------------------------------------- taking overlays apart
+
+BINARY = bytes(range(256)) * 2  # an optional section's body: binary, every byte value
+
+
+def _rebind(summary: bytes, header: bytes) -> bytes:
+    """A plain summary naming `header` (its last 32 bytes: the header digest)."""
+    doc = json.loads(summary)
+    return canonical_json(doc | {"header_digest": "sha256:" + header[-DIGEST_SIZE:].hex()})
+
+
+def reheader(data: bytes, manifest: dict | None = None, rebind: bool = True,
+             **fields: int) -> bytes:
+    """A plain overlay with header fields (major, minor, incompat, compat, reserved) or the
+    manifest replaced, the header digest recomputed and, with `rebind`, the summary's
+    header_digest made to match; frame offsets and the index follow."""
+    header, frames, summary, targets = split_overlay(data)
+    names = ["magic", "major", "minor", "length", "incompat", "compat", "mlen", "reserved"]
+    values = dict(zip(names, HEADER.unpack_from(header), strict=True)) | fields
+    body = header[HEADER.size: -DIGEST_SIZE] if manifest is None else canonical_json(manifest)
+    values["length"], values["mlen"] = HEADER.size + len(body) + DIGEST_SIZE, len(body)
+    head = HEADER.pack(*(values[n] for n in names)) + body
+    header = head + hashlib.sha256(head).digest()
+    return join_overlay(header, frames, _rebind(summary, header) if rebind else summary,
+                        targets)
+
+
+def manifest_of(data: bytes) -> dict:
+    return json.loads(data[HEADER.size: _header_length(data) - DIGEST_SIZE])
+
+
+def summary_of(data: bytes) -> dict:
+    return json.loads(split_overlay(data)[2])
+
+
+def with_summary(data: bytes, summary: dict | bytes) -> bytes:
+    header, frames, _, targets = split_overlay(data)
+    body = summary if isinstance(summary, bytes) else canonical_json(summary)
+    return join_overlay(header, frames, body, targets)
+
+
+def with_index(data: bytes, entry: int, **changes: object) -> bytes:
+    """A plain overlay with one index entry's fields changed (trailer digest recomputed)."""
+    names = ["offset", "stored", "raw", "records", "stream", "codec", "reserved", "start", "end",
+             "digest"]
+    s_off, i_off = TRAILER.unpack_from(data, len(data) - TRAILER.size)[1:3]
+    pos = i_off + SECTION.size + entry * INDEX_ENTRY.size
+    values = dict(zip(names, INDEX_ENTRY.unpack_from(data, pos), strict=True)) | changes
+    out = bytearray(data)
+    out[pos: pos + INDEX_ENTRY.size] = INDEX_ENTRY.pack(*(values[n] for n in names))
+    return with_trailer_digest(bytes(out), s_off)
+
+
+def with_trailer_digest(data: bytes, s_off: int) -> bytes:
+    body = data[s_off: len(data) - DIGEST_SIZE]
+    return body and data[: len(data) - DIGEST_SIZE] + hashlib.sha256(body).digest()
+
+
+def with_frame(data: bytes, seq: int, **changes: int) -> bytes:
+    """A plain overlay with one frame header's fields changed (its digest and the index
+    recomputed)."""
+    header, frames, summary, targets = split_overlay(data)
+    names = ["tag", "stream", "codec", "flags", "seq", "count", "stored", "raw"]
+    values = dict(zip(names, FRAME.unpack(frames[seq][0]), strict=True)) | changes
+    frames[seq] = (FRAME.pack(*(values[n] for n in names)), frames[seq][1])
+    return join_overlay(header, frames, summary, targets)
+
+
+def insert_sections(data: bytes, sections: list[tuple[bytes, bytes]], sealer: Sealer | None
+                    = None, listed: bool = True, declared: int | None = None) -> bytes:
+    """The overlay with optional sections written after its header and, with `listed`, in
+    its summary (opened and resealed with `sealer` when encrypted). `declared` overrides the
+    length field (the body then stays as given)."""
+    header, frames, summary, targets = split_overlay(data)
+    raw, entries = b"", []
+    for ordinal, (tag, body) in enumerate(sections):
+        size = len(body) + (16 if sealer else 0)
+        head = SECTION.pack(tag, size if declared is None else declared)
+        stored = sealer.seal_section(head, ordinal, body) if sealer else body
+        digest = hashlib.sha256(head + stored).digest()
+        entries.append({"tag": tag.decode("latin-1"), "offset": len(header) + len(raw),
+                        "length": size, "digest": "sha256:" + digest.hex()})
+        raw += head + digest + stored
+    if listed:
+        plain = sealer.open_summary(summary, len(frames)) if sealer else summary
+        plain = canonical_json(json.loads(plain) | {"sections": entries})
+        summary = sealer.seal_summary(plain, len(frames)) if sealer else plain
+    return join_overlay(header + raw, frames, summary, targets)
+
+
+def crafted(frames: list[tuple[Stream, list[Record], list[bytes]]], manifest: dict,
+            incompat: int = 0, seqs: list[int] | None = None, compress: bool = True) -> bytes:
+    """A small overlay written from explicit records (most of them breaking a rule)."""
+    out = io.BytesIO()
+    w = OverlayWriter(out)
+    w.write_header(manifest, incompat=incompat)
+    comp = zstandard.ZstdCompressor(level=3) if compress else None
+    for i, (stream, records, data) in enumerate(frames):
+        w.write_frame(encode_frame(seqs[i] if seqs else i, stream, records, data, comp))
+    w.finish({"result_digest": ZERO_DIGEST})
+    return out.getvalue()
+
+
+def data_record(target: int, tag: str, n: int = BLOCK) -> tuple[Record, bytes]:
+    payload = pattern_block(tag, n)
+    return Record(Kind.DATA, target, n, 0, n), payload
+
+
+# ---------------------------------------------------------------- the overlay vectors
+
+def damaged(good: bytes, mem_good: bytes) -> dict[str, bytes]:
+    """good.vmo (and mem-good.vmo) damaged in one way each, every other digest valid."""
+    out = {}
+    bad = bytearray(good)
+    bad[1] ^= 0x01  # "V" of the magic becomes "W"
+    out["bad-magic.vmo"] = bytes(bad)
+    first_frame = _header_length(good)
+    out["truncated.vmo"] = good[: first_frame + FRAME_HEAD_SIZE + 10]  # inside frame 0
+    bad = bytearray(good)
+    bad[first_frame + FRAME_HEAD_SIZE + 20] ^= 0x04  # one bit of frame 0's payload
+    out["bad-digest.vmo"] = bytes(bad)
+    bad = bytearray(good)
+    bad[HEADER.size + 10] ^= 0x02  # one bit of the manifest, the header digest not redone
+    out["header-bad-digest.vmo"] = bytes(bad)
+    out["header-reserved.vmo"] = reheader(good, reserved=1)
+    spliced = manifest_of(good) | {"created_by": "another writer"}
+    out["header-spliced.vmo"] = reheader(good, manifest=spliced, rebind=False)
+    out["unknown-version.vmo"] = reheader(good, major=MAJOR + 1)
+    out["unknown-feature.vmo"] = reheader(good, incompat=1 << 63)
+    named = manifest_of(good) | {"feature_names": {"incompat": {"40": UNKNOWN_FEATURE_NAME}}}
+    out["unknown-feature-named.vmo"] = reheader(good, manifest=named, incompat=1 << 40)
+    out["future-minor.vmo"] = reheader(good, minor=MINOR + 7)
+    future = manifest_of(good) | {"x-future": {"anything": [1, 2]}}
+    future["base"] = future["base"] | {"x-future": "ignored"}
+    keys = reheader(good, manifest=future)
+    out["future-keys.vmo"] = with_summary(keys, summary_of(keys) | {"x-future": [True]})
+    out["future-compat.vmo"] = reheader(good, compat=1 << 7)
+    other = manifest_of(good)
+    other["base"] = other["base"] | {
+        "digest": "sha256:" + hashlib.sha256(b"another base").hexdigest()}
+    out["base-mismatch.vmo"] = reheader(good, manifest=other)
+    summary = summary_of(good)
+    out["result-digest-mismatch.vmo"] = with_summary(good, summary | {
+        "result_digest": "sha256:" + hashlib.sha256(b"another result").hexdigest()})
+    out["summary-bad-digest-string.vmo"] = with_summary(good, summary | {
+        "result_digest": summary["result_digest"].upper().replace("SHA256", "sha256")})
+    out["summary-without-header-digest.vmo"] = with_summary(
+        good, {k: v for k, v in summary.items() if k != "header_digest"})
+    upper = manifest_of(good)
+    upper["base"] = upper["base"] | {"digest": "sha256:" + upper["base"]["digest"][7:].upper()}
+    out["manifest-bad-digest-string.vmo"] = reheader(good, manifest=upper)
+    gpu = manifest_of(good)
+    gpu["streams"] = gpu["streams"] + [{"id": 2, "kind": "gpu", "virtual_size": BLOCK}]
+    out["stream-unknown-kind.vmo"] = reheader(good, manifest=gpu)
+    out["mem-no-memory-bit.vmo"] = reheader(mem_good, incompat=0)
+    out["frame-unknown-codec.vmo"] = with_frame(good, 0, codec=2)
+    out["frame-unknown-flag.vmo"] = with_frame(good, 0, flags=1 << 8)
+    out["index-mismatch.vmo"] = with_index(good, 0, digest=bytes(DIGEST_SIZE))
+    _, _, _, targets = split_overlay(good)
+    out["index-range-mismatch.vmo"] = with_index(good, 0, end=targets[0][1] + BLOCK)
+    out["index-reserved.vmo"] = with_index(good, 0, reserved=1)
+    out["trailer-bad-digest.vmo"] = good[:-1] + bytes([good[-1] ^ 0x01])
+    out["trailing-bytes.vmo"] = good + b"\0"
+    return out
+
+
+def bounds(good: bytes) -> dict[str, bytes]:
+    """Declared sizes past the bounds a reader checks before allocating anything."""
+    out = {}
+    bad = bytearray(good)
+    bad[12:16] = (MAX_HEADER + 1).to_bytes(4, "little")  # header_length ...
+    bad[32:36] = (MAX_HEADER + 1 - HEADER.size - DIGEST_SIZE).to_bytes(4, "little")  # ... agreed
+    out["bound-header-length.vmo"] = bytes(bad)
+    out["bound-frame-raw.vmo"] = with_frame(good, 0, raw=MAX_FRAME_RAW + 1)
+    out["bound-frame-records.vmo"] = with_frame(good, 0, count=MAX_FRAME_RECORDS + 1,
+                                                raw=MAX_FRAME_RAW)
+    raw = FRAME.unpack(split_overlay(good)[1][0][0])[7]
+    out["bound-records-past-raw.vmo"] = with_frame(good, 0, count=raw // 32 + 1)
+    manifest = manifest_of(good)
+    stored = crafted([(Stream.DISK, *map(list, zip(data_record(0, "stored", 64), strict=True)))],
+                     manifest, compress=False)
+    size = FRAME.unpack(split_overlay(stored)[1][0][0])[7]
+    out["bound-stored-not-raw.vmo"] = with_frame(stored, 0, raw=size - 1)
+    head, frames, summary, targets = split_overlay(stored)
+    # zstd, one record (32 raw bytes), but 2000 stored: past what zstd ever needs for 32.
+    fields = list(FRAME.unpack(frames[0][0]))
+    fields[2], fields[5], fields[6], fields[7] = 1, 1, 2000, 32
+    frames[0] = (FRAME.pack(*fields), bytes(2000))
+    out["bound-stored-past-zstd-bound.vmo"] = join_overlay(head, frames, summary, targets)
+    bad = bytearray(good)
+    s_off = TRAILER.unpack_from(good, len(good) - TRAILER.size)[1]
+    bad[s_off + 4: s_off + 8] = (MAX_SUMMARY + 1).to_bytes(4, "little")
+    out["bound-summary-length.vmo"] = with_trailer_digest(bytes(bad), s_off)
+    out["bound-section-length.vmo"] = insert_sections(good, [(b"wset", BINARY)], listed=False,
+                                                      declared=MAX_OPTIONAL + 1)
+    out["bound-section-count.vmo"] = insert_sections(
+        good, [(b"wset", b"")] * (MAX_OPTIONAL_COUNT + 1))
+    return out
+
+
+class _WideSolid(SolidCompressor):
+    """A solid stream whose zstd window is wider than any reader holds (2^28)."""
+
+    def __init__(self) -> None:  # not SolidCompressor's: its window is bounded
+        params = zstandard.ZstdCompressionParameters.from_level(3, window_log=28)
+        self._stream = zstandard.ZstdCompressor(compression_params=params).compressobj()
+
+
+def records(good: bytes, mem_good: bytes) -> dict[str, bytes]:
+    """Small overlays for the vectors' base whose frames or records break one rule each."""
+    m = manifest_of(good)
+    d8, p8 = data_record(8 * BLOCK, "eight")
+    d2, p2 = data_record(2 * BLOCK, "two")
+    disk = Stream.DISK
+
+    def one(recs: list[Record], data: list[bytes], **kw) -> bytes:
+        return crafted([(disk, recs, data)], m, **kw)
+
+    out = {
+        "frame-seq-gap.vmo": crafted([(disk, [d2], [p2]), (disk, [d8], [p8])], m, seqs=[0, 2]),
+        "records-out-of-order.vmo": one([d8, d2], [p8, p2]),
+        "records-overlap.vmo": one([d8, d8._replace(target=d8.target + 100)], [p8, p8]),
+        "records-back-across-frames.vmo": crafted([(disk, [d8], [p8]), (disk, [d2], [p2])], m),
+        "record-zero-length.vmo": one([Record(Kind.ZERO, 0, 0)], [b""]),
+        "record-past-the-end.vmo": one([d8._replace(target=APP_SIZE - 100)], [p8]),
+        "record-base-past-the-base.vmo": one([Record(Kind.BASE, 0, BLOCK, BASE_SIZE - 100)],
+                                             [b""]),
+        "record-disk-in-disk-stream.vmo": one([Record(Kind.DISK, 0, BLOCK, 0)], [b""]),
+        "record-copy-forward.vmo": one([d8, Record(Kind.COPY, 20 * BLOCK, BLOCK, 30 * BLOCK)],
+                                       [p8, b""]),
+        "record-reserved.vmo": one([Record(Kind.ZERO | 1 << 16, 0, BLOCK)], [b""]),  # type: ignore[arg-type]
+        "record-unknown-kind.vmo": one([Record(9, 0, BLOCK)], [b""]),  # type: ignore[arg-type]
+        "record-stored-mismatch.vmo": one([d8._replace(stored=BLOCK + 60)], [p8]),
+    }
+    base_block = base_contents()[:BLOCK]
+    dictionary = zstandard.ZstdCompressionDict(base_block,
+                                               dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    short = zstandard.ZstdCompressor(dict_data=dictionary).compress(base_block[:-100])
+    out["record-delta-wrong-size.vmo"] = one([Record(Kind.DELTA, 0, BLOCK, 0, len(short))],
+                                             [short])
+    # A zstd frame that decodes to fewer bytes than its raw_length says.
+    zipped = one([d8], [p8])
+    raw = FRAME.unpack(split_overlay(zipped)[1][0][0])[7]
+    out["frame-raw-mismatch.vmo"] = with_frame(zipped, 0, raw=raw + 64)
+    mm = manifest_of(mem_good)
+    mm.pop("feature_names", None)  # the writer names the bits it sets
+    out["mem-streams-descending.vmo"] = crafted(
+        [(Stream.MEMORY, [d2._replace(target=0)], [p2]), (disk, [d8], [p8])], mm,
+        incompat=Incompat.MEMORY)
+    wide = io.BytesIO()
+    w = OverlayWriter(wide)
+    w.write_header(m, incompat=Incompat.SOLID)
+    w.write_frame(encode_frame(0, disk, [d8], [p8], _WideSolid()))
+    w.finish({"result_digest": ZERO_DIGEST})
+    out["bound-solid-window.vmo"] = wide.getvalue()
+    return out
+
+
+def sections(good: bytes) -> dict[str, bytes]:
+    """Optional sections: one unknown (skipped), and three ways to break their rules."""
+    out = {"section-unknown.vmo": insert_sections(good, [(b"wset", BINARY)])}
+    bad = bytearray(out["section-unknown.vmo"])
+    bad[_header_length(good) + 40 + 100] ^= 0x01  # a bit of the body
+    out["section-bad-digest.vmo"] = bytes(bad)
+    out["section-critical-tag.vmo"] = insert_sections(good, [(b"WSET", BINARY)], listed=False)
+    out["section-unlisted.vmo"] = insert_sections(good, [(b"wset", BINARY)], listed=False)
+    return out
+
+
+def with_kdf(good: bytes, **changes: int) -> bytes:
+    """An encrypted overlay with its manifest's scrypt parameters replaced (the header
+    digest recomputed; the sealed parts are then bound to the old header, but a reader
+    refuses the parameters before deriving anything)."""
+    manifest = manifest_of(good)
+    manifest["encryption"]["kdf"].update(changes)
+    return reheader(good, manifest=manifest, rebind=False)
 
 
 def make_encrypted(base_path: Path, app_path: Path) -> tuple[dict[str, bytes], dict[str, dict]]:
-    """The enc-*.vmo files and, for the good ones, their info (as for good.vmo)."""
+    """The enc-*.vmo files and, for the ones a key opens, their info (as for good.vmo)."""
     files, infos = {}, {}
     for kind, prefix in (("key_file", "enc-key"), ("passphrase", "enc-pass")):
         good, info = _create(base_path, app_path, key_for(kind), frame_data=BLOCK)
@@ -420,18 +753,105 @@ def make_encrypted(base_path: Path, app_path: Path) -> tuple[dict[str, bytes], d
                                frame_data=BLOCK)
             for how, data in tampered(good, donor).items():
                 files[f"{prefix}-{how}.vmo"] = data
+            sealer = Sealer(read_key_file(), FILE_ID, good[_header_length(good) - DIGEST_SIZE:
+                                                           _header_length(good)])
+            files["enc-key-section.vmo"] = insert_sections(good, [(b"wset", BINARY)], sealer)
+            infos["enc-key-section.vmo"] = info
         else:
             files[f"{prefix}-bad-tag.vmo"] = tampered(good, good)["bad-tag"]
-            files[f"{prefix}-scrypt-too-costly.vmo"] = with_scrypt_n(good, SCRYPT_TOO_COSTLY)
+            files[f"{prefix}-scrypt-too-costly.vmo"] = with_kdf(good, **SCRYPT_TOO_COSTLY)
+            files[f"{prefix}-scrypt-memory.vmo"] = with_kdf(good, **SCRYPT_TOO_MUCH_MEMORY)
     return files, infos
 
 
-def encrypted_entry(name: str, infos: dict[str, dict]) -> dict:
-    kind, with_key = EXPECTED_ENCRYPTED[name]
+# ---------------------------------------------------------------- .vmem vectors
+
+VMEM_MACHINE = MachineInfo("pc-i440fx-7.2", "qemu64", BLOCK, "7.2.0", 1, False, True, (),
+                           "tcg")
+
+
+def vmem_file(ram: bytes, state: bytes, header: dict | None = None,
+              reserved: bytes = bytes(8), digest: str | None = None) -> bytes:
+    """A .vmem: contents, header (canonical JSON, or `header` as given) and trailer."""
+    contents = ram + state
+    if header is None:
+        head = vmem_codec.VmemHeader(VMEM_MACHINE, len(state), digest or
+                                     "sha256:" + hashlib.sha256(contents).hexdigest())
+        tail = vmem_codec.encode_tail(head)
+        raw = tail[: -vmem_codec.TRAILER.size]
+    else:
+        raw = canonical_json(header)
+    trailer = vmem_codec.TRAILER.pack(vmem_codec.MAGIC, len(contents), len(raw), reserved,
+                                      hashlib.sha256(raw).digest())
+    return contents + raw + trailer
+
+
+def make_vmem() -> dict[str, bytes]:
+    ram, state = pattern_block("vmem ram"), b"device state of the vmem vectors\n" * 8
+    good = vmem_file(ram, state)
+    header = json.loads(good[len(ram) + len(state): -vmem_codec.TRAILER.size])
+    out = {"vmem-good.vmem": good,
+           "vmem-version-2.vmem": vmem_file(ram, state, header | {"version": 2}),
+           "vmem-reserved.vmem": vmem_file(ram, state, reserved=b"\0" * 7 + b"\x01"),
+           "vmem-layout.vmem": vmem_file(ram, state, header | {"state_size": len(state) + 1}),
+           "vmem-bad-digest-string.vmem": vmem_file(
+               ram, state, digest="sha256:" + header["digest"][7:].upper())}
+    bad = bytearray(good)
+    bad[len(ram) + len(state) + 5] ^= 0x01  # a bit of the header, its digest not redone
+    out["vmem-header-digest.vmem"] = bytes(bad)
+    bad = bytearray(good)
+    bad[100] ^= 0x01  # a bit of the RAM: only a reader that checks the contents sees it
+    out["vmem-contents.vmem"] = bytes(bad)
+    bad = bytearray(good)  # a header length past 1 MiB, refused before reading it
+    struct_at = len(bad) - vmem_codec.TRAILER.size + 16
+    bad[struct_at: struct_at + 8] = (vmem_codec.MAX_HEADER + 1).to_bytes(8, "little")
+    out["vmem-bound-header.vmem"] = bytes(bad)
+    return out
+
+
+# ---------------------------------------------------------------- vectors.json
+
+def entry(name: str, data: bytes, infos: dict[str, dict]) -> dict:
+    outcome, covers, structure_only = VECTORS[name]
+    codes = VMEM_EXIT_CODES if name.endswith(".vmem") else EXIT_CODES
+    out = {"outcome": outcome, "exit_code": codes[outcome], "covers": covers,
+           "sha256": "sha256:" + hashlib.sha256(data).hexdigest()}
+    if structure_only is not None:
+        out["structure_only"] = structure_only
+    if outcome == "ok":
+        out |= infos[name] if name.endswith(".vmo") else {
+            "digest": vmem_codec.read_tail(io.BytesIO(data), name).digest}
+    if name == "unknown-feature-named.vmo":
+        out["feature_name"] = UNKNOWN_FEATURE_NAME  # a reader should report it by name
+    return out
+
+
+def encrypted_entry(name: str, data: bytes, infos: dict[str, dict]) -> dict:
+    kind, with_key, covers = ENCRYPTED[name]
     key = {"key_file": KEY_FILE} if kind == "key_file" else {"passphrase": PASSPHRASE}
-    return {"outcome": "error", "error": NO_KEY[0], "exit_code": NO_KEY[1], "key": key,
-            "with_key": dict(infos[name]) if with_key is None else {
-                "outcome": "error", "error": with_key[0], "exit_code": with_key[1]}}
+    return {"outcome": "wrong-key", "exit_code": EXIT_CODES["wrong-key"], "covers": covers,
+            "key": key, "sha256": "sha256:" + hashlib.sha256(data).hexdigest(),
+            "with_key": {"outcome": with_key, "exit_code": EXIT_CODES[with_key]} |
+            (infos[name] if with_key == "ok" else {})}
+
+
+def base_files(folder: Path) -> tuple[dict[str, bytes], dict]:
+    """The base's bytes, compressed, and vectors.json's description of them."""
+    disk = base_contents()
+    vmem_bytes = (folder / "base.vmem").read_bytes()
+    vmem = memory.read_vmem(folder / "base.vmem")
+    pack = zstandard.ZstdCompressor(level=19, write_checksum=True).compress
+    files = {BASE_DISK_FILE: pack(disk), BASE_VMEM_FILE: pack(vmem_bytes)}
+    doc = {"name": BASE_NAME, "version": BASE_VERSION, "virtual_size": len(disk),
+           "digest": "sha256:" + hashlib.sha256(disk).hexdigest(),
+           "file": BASE_DISK_FILE, "file_holds": "the base's virtual contents, raw, "
+           "zstd-compressed (zstd -d, then qemu-img convert -f raw -O qcow2)",
+           "recipe": "make_vectors.build_images",
+           "memory": {"file": BASE_VMEM_FILE, "file_holds": "the base's memory snapshot "
+                      "(a .vmem file, SPEC.md section 11), zstd-compressed; for the mem-*.vmo",
+                      "size": vmem.size, "digest": vmem.digest,
+                      "recipe": "make_vectors.build_memory"}}
+    return files, doc
 
 
 def generate(outdir: Path) -> dict:
@@ -447,36 +867,40 @@ def generate(outdir: Path) -> dict:
             solid, solid_info = make_solid(Path(scratch))
             encrypted, enc_infos = make_encrypted(Path(scratch) / "base.qcow2",
                                                   Path(scratch) / "app.qcow2")
+            base, base_doc = base_files(Path(scratch))
         finally:
             if saved_home is None:
                 os.environ.pop("VMSYNTH_HOME", None)
             else:
                 os.environ["VMSYNTH_HOME"] = saved_home
-    files = {"good.vmo": good} | damaged(good) | with_memory | solid
-    good_info = {"good.vmo": info, "mem-good.vmo": memory_info,
-                 "mem-solid-good.vmo": solid_info}
-    assert set(files) == set(EXPECTED)
-    assert set(encrypted) == set(EXPECTED_ENCRYPTED)
-    vectors = {}
-    for name in sorted(files):
-        expected = EXPECTED[name]
-        vectors[name] = good_info[name] if expected is None else {
-            "outcome": "error", "error": expected[0], "exit_code": expected[1]}
-    for name in sorted(encrypted):
-        vectors[name] = encrypted_entry(name, enc_infos)
-    files |= encrypted
+    mem_good = with_memory["mem-good.vmo"]
+    files = {"good.vmo": good} | damaged(good, mem_good) | bounds(good) | \
+        records(good, mem_good) | sections(good) | with_memory | solid | make_vmem()
+    infos = {"good.vmo": info, "mem-good.vmo": memory_info, "mem-solid-good.vmo": solid_info}
+    for name in ("future-minor.vmo", "future-keys.vmo", "future-compat.vmo",
+                 "section-unknown.vmo", "summary-without-header-digest.vmo"):
+        infos[name] = info  # good.vmo's contents, with what a reader must ignore
+    assert set(files) == set(VECTORS), set(files) ^ set(VECTORS)
+    assert set(encrypted) == set(ENCRYPTED), set(encrypted) ^ set(ENCRYPTED)
+    vectors = {name: entry(name, files[name], infos) for name in sorted(files)}
+    vectors |= {name: encrypted_entry(name, encrypted[name], enc_infos)
+                for name in sorted(encrypted)}
+    files |= encrypted | base
     for name in sorted(files):
         (outdir / name).write_bytes(files[name])
-        vectors[name]["sha256"] = "sha256:" + hashlib.sha256(files[name]).hexdigest()
     doc = {
-        "about": "vmsynth overlay test vectors; regenerate with "
-                 "formats/vectors/make_vectors.py (see its docstring). For the encrypted "
-                 "enc-*.vmo, outcome is what a reader given no key must do; key names the "
-                 "key (a key file in this folder, or a passphrase) and with_key is the "
-                 "outcome for a reader given it",
-        "base": {"name": BASE_NAME, "version": BASE_VERSION, "virtual_size": BASE_SIZE,
-                 "recipe": "make_vectors.build_images",
-                 "memory_recipe": "make_vectors.build_memory (for the mem-*.vmo)"},
+        "about": "vmsynth overlay and memory snapshot test vectors (SPEC.md section 13); "
+                 "regenerate with formats/vectors/make_vectors.py (see its docstring). "
+                 "outcome: what a reader given the base (and no key) must do; exit_code: the "
+                 "vmsynth CLI's code for it; covers: the SPEC.md MUSTs the file exercises; "
+                 "structure_only: the outcome for a reader that checks the file without "
+                 "rebuilding (no base; for a .vmem, its trailer and header only), where it "
+                 "differs; for the encrypted enc-*.vmo, key names the key (a key file in "
+                 "this folder, or a passphrase) and with_key is the outcome given it",
+        "format": {"overlay": f"{MAJOR}.{MINOR}", "overlay_media_type": MEDIA_TYPE,
+                   "vmem": vmem_codec.VERSION, "vmem_media_type": vmem_codec.MEDIA_TYPE},
+        "outcomes": {k: {"meaning": v, "exit_code": EXIT_CODES[k]} for k, v in OUTCOMES.items()},
+        "base": base_doc,
         "key_file": {"name": KEY_FILE,
                      "sha256": "sha256:" + hashlib.sha256(read_key_file()).hexdigest()},
         "vectors": vectors,
@@ -491,8 +915,8 @@ def main(argv: list[str]) -> int:
     for name, v in doc["vectors"].items():
         size = (outdir / name).stat().st_size
         with_key = v.get("with_key")
-        keyed = f"  with key: {with_key['outcome']} {with_key.get('error', '')}" if with_key else ""
-        print(f"{name:32} {size:6} bytes  {v['outcome']} {v.get('error', '')}{keyed}")
+        keyed = f"  with key: {with_key['outcome']}" if with_key else ""
+        print(f"{name:34} {size:6} bytes  {v['outcome']}{keyed}")
     return 0
 
 
