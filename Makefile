@@ -12,7 +12,8 @@ PY := $(VENV)/bin/python -P
 VMSYNTH := $(VENV)/bin/vmsynth
 BUILD := .build
 APT_PACKAGES := qemu-utils qemu-system-x86 busybox-static e2fsprogs fuse3 cpio xz-utils zstd \
-	xdelta3 linux-image-amd64 libguestfs-tools python3-guestfs python3-venv python3-pip
+	xdelta3 linux-image-amd64 libguestfs-tools python3-guestfs python3-venv python3-pip \
+	iproute2 avahi-daemon avahi-utils dbus
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 DEMO := $(BUILD)/demo

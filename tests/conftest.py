@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
+import cloudlet_world
 import helpers
 
 sys.path.pop(0)
@@ -108,3 +109,13 @@ def cli(capsys):
         return helpers.Result(code if isinstance(code, int) else 1, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def world(h):
+    """The cloudlet tests' guest, base and overlays (tests/cloudlet_world.py), built once."""
+    import shutil
+
+    w = cloudlet_world.build_world(h)
+    yield w
+    shutil.rmtree(w.dir, ignore_errors=True)

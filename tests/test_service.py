@@ -11,127 +11,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
+from cloudlet_world import HANG, World, next_json, until, vmsynth
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmsynth.errors import ExitCode
 from vmsynth.service.client import Client, Trust
 
-REPO = Path(__file__).resolve().parents[1]
-GUEST_DIR = REPO / ".build" / "test-guest"  # shared with test_vm.py; the build is idempotent
-APPEND = "console=ttyS0 quiet panic=-1 vmsynth.mode=counter"
-HANG = 240  # hang guards only, never a measure
-
 pytestmark = pytest.mark.vm
-
-
-# ------------------------------------------------------------------------------ the world
-
-@dataclass
-class World:
-    dir: Path
-    home: Path  # VMSYNTH_HOME with the base tiny@1 (disk, memory snapshot, boot settings)
-    overlay: Path  # disk + memory: resumed
-    encrypted: Path  # the same, sealed with `key`
-    key: Path
-    foreign: Path  # an overlay for a base this cloudlet does not have
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return os.environ | {"VMSYNTH_HOME": str(self.home), "TMPDIR": str(self.dir)} | extra
-
-
-def _vmsynth(h, *args: object) -> list[str]:
-    return [str(h.VMSYNTH), *map(str, args)]
-
-
-def _next_json(stream) -> dict:
-    """The next JSON document on a text stream (vmsynth's --json output is indented)."""
-    buf = ""
-    while True:
-        line = stream.readline()
-        assert line, f"the stream ended inside {buf!r}"
-        buf += line
-        try:
-            return json.loads(buf)
-        except ValueError:
-            continue
-
-
-def _until(what: str, check, timeout: float = HANG, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the process ended ({proc.returncode}) before {what}")
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.1)
-
-
-def _snapshot(h, env: dict[str, str], d: Path, image: Path, name: str, tick: int) -> Path:
-    """Boot a child of `image` counting, with a VGA and VNC (the cloudlet serves VNC), and
-    snapshot it at `tick`."""
-    disk, vmem, serial = d / f"{name}-run.qcow2", d / f"{name}.vmem", d / f"{name}.serial"
-    h.qemu_img("create", "-q", "-f", "qcow2", "-b", image, "-F", "qcow2", disk)
-    p = subprocess.Popen(_vmsynth(h, "boot", disk, "--kernel", GUEST_DIR / "kernel", "--initrd",
-                                  GUEST_DIR / "initramfs.cpio.gz", "--append", APPEND,
-                                  "--memory", "256M", "--vnc", "auto", "--accel", "tcg",
-                                  "--serial", serial, "--ready", f"tick {tick}", "--grace", "1",
-                                  "--json", "--snapshot-on-exit", vmem),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    assert p.stdout is not None
-    assert _next_json(p.stdout)["event"] == "ready"
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=HANG)
-    assert p.returncode == 0, err
-    return vmem
-
-
-@pytest.fixture(scope="module")
-def world(h, tmp_path_factory) -> World:
-    for tool in ("qemu-system-x86_64", "qemu-img"):
-        if not h.which(tool):
-            if os.environ.get("CI"):
-                pytest.fail(f"{tool} missing: CI must run the service tests")
-            pytest.skip(f"{tool} not installed")
-    build = subprocess.run(["bash", str(REPO / "fixtures" / "build-guest.sh"), str(GUEST_DIR)],
-                           capture_output=True, text=True, timeout=900, check=False)
-    assert build.returncode == 0, build.stderr[-3000:]
-    d = Path(tempfile.mkdtemp(prefix="vms-", dir="/tmp"))  # short: QMP socket path limit
-    home = d / "home"
-    env = os.environ | {"VMSYNTH_HOME": str(home), "TMPDIR": str(d)}
-    base_vmem = _snapshot(h, env, d, GUEST_DIR / "base.qcow2", "base", 2)
-    h.run(*_vmsynth(h, "base", "add", GUEST_DIR / "base.qcow2", "--memory", base_vmem,
-                    "--name", "tiny", "--version", "1", "--kernel", GUEST_DIR / "kernel",
-                    "--initrd", GUEST_DIR / "initramfs.cpio.gz", "--append", APPEND), env=env)
-    app_vmem = _snapshot(h, env, d, GUEST_DIR / "app.qcow2", "app", 3)
-    overlay, encrypted, key = d / "app.vmo", d / "app-sealed.vmo", d / "app.key"
-    h.run(*_vmsynth(h, "create", "--base", "tiny@1", "--disk", d / "app-run.qcow2", "--memory",
-                    app_vmem, "-o", overlay), env=env)
-    h.run(*_vmsynth(h, "keygen", "-o", key), env=env)
-    h.run(*_vmsynth(h, "create", "--base", "tiny@1", "--disk", d / "app-run.qcow2", "--memory",
-                    app_vmem, "-o", encrypted, "--encrypt", "--key-file", key), env=env)
-    foreign_base = d / "foreign.qcow2"
-    h.write_image(foreign_base, h.text_block("another base") * 64)
-    foreign_app = d / "foreign-app.qcow2"
-    h.write_image(foreign_app, h.text_block("another app") * 64)
-    foreign = d / "foreign.vmo"
-    h.run(*_vmsynth(h, "create", "--base", foreign_base, "--disk", foreign_app, "-o", foreign),
-          env=env)
-    yield World(d, home, overlay, encrypted, key, foreign)
-    shutil.rmtree(d, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ the service
@@ -144,12 +40,12 @@ class Service:
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (the service's lifetime)
             prefix="serve-", suffix=".log", dir=world.dir, delete=False)
         self.proc = subprocess.Popen(
-            _vmsynth(h, "serve", "--listen", "127.0.0.1:0", "--accel", "tcg", "--json", *args),
+            vmsynth(h, "serve", "--listen", "127.0.0.1:0", "--accel", "tcg", "--json", *args),
             stdout=subprocess.PIPE, stderr=self.log, env=world.env(), text=True,
             start_new_session=True)
         assert self.proc.stdout is not None
         try:
-            event = _next_json(self.proc.stdout)
+            event = next_json(self.proc.stdout)
         except AssertionError:
             pytest.fail(f"serve did not start: {Path(self.log.name).read_text()[-3000:]}")
         assert event.get("event") == "serving", (event, self.log_text()[-2000:])
@@ -171,14 +67,14 @@ class Service:
     def assert_idle(self) -> None:
         """No session left (once those ending have ended): no QEMU, no session directory,
         every slot free."""
-        _until("the sessions to be gone", lambda: not self.qemu() and not
+        until("the sessions to be gone", lambda: not self.qemu() and not
                self.sessions_on_disk() and self.info()["slots"]["used"] == 0, timeout=30)
         slots = self.info()["slots"]
         assert slots["free"] == slots["total"], slots
 
     def offload(self, overlay: Path, *args: object) -> subprocess.Popen:
         trust = ["--fingerprint", self.fingerprint] if self.fingerprint else []
-        return subprocess.Popen(_vmsynth(self.h, "offload", overlay, "--cloudlet", self.url,
+        return subprocess.Popen(vmsynth(self.h, "offload", overlay, "--cloudlet", self.url,
                                          *trust, "--json", *args),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=self.world.env(), start_new_session=True)
@@ -233,7 +129,7 @@ def _running_event(p: subprocess.Popen) -> dict:
     assert p.stdout is not None
     while True:
         try:
-            event = _next_json(p.stdout)
+            event = next_json(p.stdout)
         except AssertionError:
             pytest.fail(f"offload ended ({p.wait()}): {p.stderr.read() if p.stderr else ''}")
         if event.get("event") == "running":
@@ -269,7 +165,7 @@ def test_offload_resumes_serves_vnc_and_wipes_after_the_grace(h, world, serve):
     os.killpg(p.pid, signal.SIGKILL)  # the user's device dies without a word
     p.wait()
     lost = time.monotonic()
-    _until("the user to be noticed gone", lambda: "the user is gone" in svc.log_text(),
+    until("the user to be noticed gone", lambda: "the user is gone" in svc.log_text(),
            timeout=15)
     assert time.monotonic() - lost < 15
     svc.assert_idle()
@@ -390,7 +286,7 @@ def test_kill_9_of_the_service_leaves_nothing_for_long(h, world, serve):
     running = _running_event(p)
     pid = running["pid"]
     svc.stop(signal.SIGKILL)
-    _until("QEMU to die with the service", lambda: not h.alive(pid), timeout=10)
+    until("QEMU to die with the service", lambda: not h.alive(pid), timeout=10)
     assert svc.sessions_on_disk(), "the dead service could not scrub (the next start will)"
     p.wait(timeout=HANG)  # the client notices the cloudlet is gone
     assert p.returncode == ExitCode.CLOUDLET, p.stderr.read() if p.stderr else ""
@@ -543,7 +439,7 @@ def test_hostile_requests_are_refused_and_harm_no_one(world, serve):
     assert got == 408 and "stalled" in answer["error"]["message"], answer
     assert time.monotonic() - began < 20
     # b was never sent: it expires after --negotiate-timeout.
-    _until("the unsent session to expire",
+    until("the unsent session to expire",
            lambda: _raw(svc, "GET", f"/v1/sessions/{b['id']}", token=b["token"])[1]["state"]
            == "ended", timeout=30)
     # Through all of it, the good session ran on.
@@ -618,13 +514,13 @@ def test_run_uses_the_bases_boot_settings(h, world):
     """`base add --kernel ...` recorded how the base's VMs start: `run` needs only the
     overlay."""
     serial = world.dir / "run.serial"
-    p = subprocess.Popen(_vmsynth(h, "run", world.overlay, "--base", "tiny@1", "--accel", "tcg",
+    p = subprocess.Popen(vmsynth(h, "run", world.overlay, "--base", "tiny@1", "--accel", "tcg",
                                   "--vnc", "none", "--serial", serial, "--ready", "tick",
                                   "--json"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=world.env())
     assert p.stdout is not None
-    ready = _next_json(p.stdout)
+    ready = next_json(p.stdout)
     assert ready["event"] == "ready" and "resume_seconds" in ready, ready
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=HANG)

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import socket
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,10 +73,13 @@ class Advertiser:
         if self.fingerprint:
             self.properties["fp"] = self.fingerprint
         name = f"vmsynth {self.service_id}"[:63].replace(".", "-")
+        # A host name of our own: the system's mDNS daemon (Avahi) announces the machine's
+        # name with its own set of addresses, and two answers for one name would conflict.
+        server = re.sub(r"[^a-z0-9-]+", "-", f"vmsynth-{self.service_id}".lower())[:63]
         return AsyncServiceInfo(SERVICE, f"{name}.{SERVICE}", port=self.port,
                                 properties=self.properties,
                                 parsed_addresses=_addresses(self.host),
-                                server=f"{socket.gethostname()}.local.")
+                                server=f"{server}.local.")
 
     async def start(self, status: dict[str, Any]) -> None:
         addresses = _addresses(self.host)
