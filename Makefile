@@ -79,14 +79,16 @@ fuzz: setup  ## long mutation fuzzing: FUZZ examples per mutation family (defaul
 
 # BENCH picks the benchmarks (all by default, ~2-3 h as root); each writes its JSON and
 # report under bench/, then bench/report.py assembles BENCHMARKS.md.
-BENCH ?= disk debian memory e2e
-bench: setup  ## benchmarks vs xdelta3, zstd, qcow2 (BENCH="disk debian memory e2e"); BENCHMARKS.md
+BENCH ?= disk debian memory e2e cloudlet arrive
+bench: setup  ## benchmarks (BENCH="disk debian memory e2e cloudlet arrive"); BENCHMARKS.md
 	@set -e; for b in $(BENCH); do case $$b in \
 		disk) $(PY) bench/disk_bench.py ;; \
 		debian) $(PY) bench/disk_bench.py --workload debian ;; \
 		memory) $(PY) bench/memory_bench.py ;; \
 		e2e) $(PY) bench/e2e_bench.py --debian ;; \
-		*) echo "unknown benchmark $$b (disk, debian, memory, e2e)"; exit 2 ;; \
+		cloudlet) $(PY) bench/cloudlet_bench.py --debian ;; \
+		arrive) $(PY) bench/cloudlet_bench.py --arrive ;; \
+		*) echo "unknown benchmark $$b (disk, debian, memory, e2e, cloudlet, arrive)"; exit 2 ;; \
 	esac; done
 	$(PY) bench/report.py
 

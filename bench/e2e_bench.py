@@ -248,13 +248,14 @@ class Network:
         per_tick = mbit * 1_000_000 // 8 // 250
         return f"{max(64, -(-per_tick // (64 * KiB)) * 64)}kb"
 
-    def shape(self, mbit: int) -> dict:
-        cmd = ["tc", "-n", SRV_NS, "qdisc", "replace", "dev", SRV_IF, "root", "tbf", "rate",
+    def shape(self, mbit: int, ns: str = SRV_NS, dev: str = SRV_IF) -> dict:
+        """Limit what `dev` in `ns` sends (by default: the server's side, downloads)."""
+        cmd = ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
                f"{mbit}mbit", "burst", self.burst(mbit), "latency", TBF_LATENCY]
         run(*cmd)
-        shown = run("tc", "-n", SRV_NS, "qdisc", "show", "dev", SRV_IF).stdout.strip()
+        shown = run("tc", "-n", ns, "qdisc", "show", "dev", dev).stdout.strip()
         if "tbf" not in shown:
-            raise BenchError(f"tc did not install tbf on {SRV_IF}: {shown}")
+            raise BenchError(f"tc did not install tbf on {dev}: {shown}")
         return {"command": " ".join(cmd), "qdisc": shown}
 
     def down(self) -> list[str]:

@@ -370,7 +370,8 @@ def snapshot_inputs(g: Guest) -> dict:
             "images": {p.name: file_state(p) for p in (g.base, g.app, g.kernel, g.initrd)},
             "base_args": g.boot_args(g.base_ready), "app_args": g.boot_args(g.app_ready),
             "snapshot_at": g.beat(g.snapshot_at), "qemu": qemu,
-            "vmsynth_memory_py": sha256_file(REPO / "vmsynth" / "memory.py")}
+            "vmsynth_snapshot_code": [sha256_file(REPO / "vmsynth" / f)
+                                      for f in ("memory.py", "snapshot.py")]}
 
 
 def take_snapshots(g: Guest, gdir: Path, tmp: Path, rebuild: bool) -> dict:

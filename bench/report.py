@@ -19,6 +19,8 @@ SECTIONS = [
     ("DISK-DEBIAN.md", "Disk: a real Debian 12 pair", "disk_bench.py --workload debian"),
     ("MEMORY.md", "Memory snapshots", "memory_bench.py"),
     ("E2E.md", "End to end: user arrives, app running", "e2e_bench.py"),
+    ("CLOUDLET.md", "The cloudlet: the seed's timeline on `vmsynth serve`", "cloudlet_bench.py"),
+    ("ARRIVE.md", "A user arrives: discovery to a running app", "cloudlet_bench.py --arrive"),
 ]
 
 

@@ -97,8 +97,10 @@ class Plan:
         why = None
         if self.url == "auto":
             want = await asyncio.to_thread(wanted_base, self.overlay)
+            began = time.monotonic()
             found = await discover(self.discover_timeout, want)
-            _event(as_json, "discovered", {"cloudlets": [f.to_json() for f in found]})
+            _event(as_json, "discovered", {"cloudlets": [f.to_json() for f in found],
+                                           "seconds": round(time.monotonic() - began, 3)})
             usable = [f for f in found if f.has_base and f.free > 0]
             if not found:
                 why = "no cloudlet answered nearby"

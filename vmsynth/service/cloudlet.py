@@ -107,6 +107,7 @@ class Session:
         self.vnc_password = secrets.token_urlsafe(6)[:8]  # VNC uses 8 characters
         self.forwards: dict[int, int] = {}  # guest port -> host port
         self.timeline: dict[str, float] = {}
+        self.at: dict[str, float] = {}  # wall-clock (epoch) moments, for comparisons across hosts
         self.watchers = 0  # heartbeat connections
         self.grace_task: asyncio.Task[None] | None = None
         self.timer: asyncio.Task[None] | None = None
@@ -118,7 +119,8 @@ class Session:
     def to_json(self, host: str | None = None) -> dict[str, Any]:
         """The session as its user sees it (`host`: the address they reached us on)."""
         out: dict[str, Any] = {"id": self.id, "state": self.state, "base": self.offer.spec,
-                               "timeline": {k: round(v, 3) for k, v in self.timeline.items()}}
+                               "timeline": {k: round(v, 3) for k, v in self.timeline.items()},
+                               "at": {k: round(v, 4) for k, v in self.at.items()}}
         if self.reason:
             out["reason"] = self.reason
         if self.error:
@@ -295,6 +297,7 @@ class Cloudlet:
             s.busy = loop.run_in_executor(self._synth_pool, self._synthesize, s)
             report = await s.busy
             s.timeline["transfer"] = (s.upload.last or started) - (s.upload.first or started)
+            s.at["last_byte"] = time.time() - (time.monotonic() - (s.upload.last or started))
             s.timeline["synthesize"] = time.monotonic() - started
             s.timeline["after_last_byte"] = time.monotonic() - (s.upload.last or started)
             if s.state != "receiving":
@@ -304,6 +307,7 @@ class Cloudlet:
             s.busy = loop.run_in_executor(self._vm_pool, self._launch, s, report.memory)
             await s.busy
             s.timeline["resume" if report.memory else "boot"] = time.monotonic() - launched
+            s.at["running"] = time.time()
         except BaseException as err:
             refusal = Refusal.of(err)
             if refusal.status >= 500:
