@@ -635,7 +635,7 @@ def vmsynth_run(w: Workload, source: str, env: dict, tmp: Path, logs: Path, labe
         wire = WIRE.stop(p.t0) if networked else None
     # A guest that powers off by itself is left to do so: a SIGTERM that arrives while
     # vmsynth scrubs the ended session kills it half-way (see E2E.md).
-    code, stop_s = p.stop(expect=(130,) if w.kind == "resume" else (0,),
+    code, stop_s = p.stop(expect=(143,) if w.kind == "resume" else (0,),
                           signal_it=w.kind == "resume")
     try:
         checked = w.check(serial_lines(serial))
@@ -852,10 +852,10 @@ def write_markdown(path: Path, data: dict) -> None:
            "`ready_seconds` (QEMU started or resumed -> ready text on the console); "
            "(3) download, then run: `curl -o FILE URL`, then `vmsynth run FILE` (the same "
            "options), both walls added. Medians, min–max in brackets. After the ready event "
-           "a resumed VM's vmsynth gets SIGTERM (exit 130); the disk-only guest powers off "
-           "by itself after its marker (exit 0; not signalled, because a SIGTERM in the "
-           "moment vmsynth scrubs the ended session kills it with exit 143 and leaves the "
-           "session's disk behind: a vmsynth bug found here). Each run is checked: the resumed guest's first console line "
+           "a resumed VM's vmsynth gets SIGTERM (exit 143); the disk-only guest powers off "
+           "by itself after its marker (exit 0; not signalled: a SIGTERM then would be held "
+           "until vmsynth has scrubbed the ended session). Each run is checked: the resumed "
+           "guest's first console line "
            "is the one after the last line before its snapshot; the cold-booted disk prints "
            "the app's marker; the session directory was scrubbed; no QEMU is left. "
            "\"VM running\" is the ready event minus `ready_seconds`: when the resumed guest "
@@ -1002,7 +1002,7 @@ def main() -> int:
             p = Proc([str(VMSYNTH), "run", str(w.overlay), "--base", w.base_ref, *w.args,
                       "--serial", str(serial), "--json"], env, logs, f"warmup-{w.key}")
             event, seen = p.wait_event(w.timeout + 60)
-            p.stop(expect=(130,) if w.kind == "resume" else (0,), signal_it=w.kind == "resume")
+            p.stop(expect=(143,) if w.kind == "resume" else (0,), signal_it=w.kind == "resume")
             w.check(serial_lines(serial))
             assert_no_qemu(tmp)
             warmups[w.key] = {"wall_to_ready_event_s": round(seen, 3), "event": event}

@@ -223,7 +223,7 @@ class VM:
             self._fail(f"exited {code}, expected {' or '.join(map(str, expect))}")
         return code
 
-    def stop(self, expect: tuple[int, ...] = (130,)) -> tuple[int, float]:
+    def stop(self, expect: tuple[int, ...] = (143,)) -> tuple[int, float]:
         """SIGTERM to vmsynth (never to QEMU: vmsynth stops its own VM); exit code, seconds."""
         t = time.perf_counter()
         if self.proc.poll() is None:
@@ -599,7 +599,7 @@ def resume_runs(g: Guest, gdir: Path, snaps: Path, env: dict, tmp: Path, last: i
         load1 = round(os.getloadavg()[0], 2)
         event, seen = vm.wait_event(g.timeout + 30)
         beat_s = vm.wait_serial(serial, g.beat(1), 60)
-        code, stop_s = vm.stop(expect=(0, 130))
+        code, stop_s = vm.stop(expect=(0, 143))
         disk.unlink()
         rec["cold"].append({"wall_to_ready_event_s": round(seen, 3),
                             "ready_seconds": event["ready_seconds"],
@@ -616,7 +616,7 @@ def resume_runs(g: Guest, gdir: Path, snaps: Path, env: dict, tmp: Path, last: i
         load1 = round(os.getloadavg()[0], 2)
         event, seen = vm.wait_event(g.timeout + 30)
         first = first_line_check(serial, f"vmsynth run {vmo.name}")
-        code, stop_s = vm.stop(expect=(130,))
+        code, stop_s = vm.stop(expect=(143,))
         left = list(sessions.iterdir()) if sessions.exists() else []
         if left:
             raise BenchError(f"vmsynth run left its session behind: {left}")
@@ -639,7 +639,7 @@ def resume_runs(g: Guest, gdir: Path, snaps: Path, env: dict, tmp: Path, last: i
         load1 = round(os.getloadavg()[0], 2)
         event, seen = vm.wait_event(g.timeout + 30)
         first = first_line_check(serial, f"vmsynth boot --resume {synth_vmem.name}")
-        code, stop_s = vm.stop(expect=(130,))
+        code, stop_s = vm.stop(expect=(143,))
         disk.unlink()
         rec["resume"].append({"wall_to_ready_event_s": round(seen, 3),
                               "resume_seconds": event["resume_seconds"],
