@@ -313,7 +313,7 @@ def write_markdown(path: Path, data: dict, arrive: bool) -> None:
     title = "A user arrives: discover, negotiate, transfer, synthesize, resume" if arrive \
         else "The cloudlet: the seed's timeline on `vmsynth serve`"
     lines = [f"# {title}", "",
-             (f"`{m['command']}`, {m['date']}, code {m['git'].get('commit', '?')}; "
+             (f"`{m['command']}`, {m['date']}, {m['git']['describe']}; "
               f"{m['machine']['cores']} cores, load {m['loadavg_before']} before. Accelerator "
               f"TCG (KVM does not work on this machine). Medians of {m['runs']} rounds; "
               "seconds."), "",
@@ -410,6 +410,9 @@ def main() -> int:
         code = 1
     except (KeyboardInterrupt, SystemExit):
         print("error: interrupted", file=sys.stderr)
+        code = 1
+    except Exception as err:  # noqa: BLE001 (one error line, whatever went wrong)
+        print(f"error: {type(err).__name__}: {one_line(str(err))}", file=sys.stderr)
         code = 1
     finally:
         net.down()

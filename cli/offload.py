@@ -216,7 +216,8 @@ def _running(answer: dict[str, Any], timeline: dict[str, float], as_json: bool) 
     if as_json:
         console.emit_json({"event": "running", "session": answer["id"], "vnc": answer.get("vnc"),
                            "forwards": answer.get("forwards", {}), "pid": answer.get("pid"),
-                           "timeline": {k: round(v, 3) for k, v in timeline.items()}})
+                           "timeline": {k: round(v, 3) for k, v in timeline.items()},
+                           "at": answer.get("at", {})})
         return
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in timeline.items())
     console.err.print(f"session {answer['id']} running: {phases}")
