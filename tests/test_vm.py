@@ -10,6 +10,7 @@ directories and the QMP socket paths in QEMU's command line identify this test's
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 import helpers
 import pytest
 
-from vmsynth import accel, session
+from vmsynth import accel, memory, session
 from vmsynth.errors import AccelError, ExitCode
 from vmsynth.vm import BootOptions, Machine
 
@@ -177,7 +179,8 @@ class Running:
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             # Its own session keeps our signals away from pytest; SIGINT at its default, as
             # at a terminal (a background job of a non-interactive shell would ignore it).
-            # The test process runs no threads, so preexec_fn is safe here.
+            # preexec_fn only resets a signal disposition (no lock another thread could
+            # hold), so vmsynth.qmp's thread in this process does not make it unsafe.
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
                 start_new_session=True,
@@ -897,8 +900,6 @@ def test_rebuilt_snapshot_equals_the_taken_one(bench, snapshots):
     r = bench.run("apply", snapshots.overlay, "--base", "fixture@1", "-o",
                   bench.tmp / "s.qcow2", "--memory-output", bench.tmp / "s.vmem", "--json")
     assert r.code == 0, r.err
-    from vmsynth import memory
-
     taken, rebuilt = memory.read_vmem(snapshots.app_vmem), memory.read_vmem(bench.tmp / "s.vmem")
     assert rebuilt.digest == taken.digest and rebuilt.machine == taken.machine
     info = bench.run("inspect", snapshots.overlay, "--json").json()
@@ -978,4 +979,56 @@ def test_snapshot_on_exit_of_a_vm_that_powers_off(bench, images):
     line = assert_one_line_error(r, ExitCode.SNAPSHOT)
     assert "powered off by itself" in line
     assert not out.exists()
+    bench.assert_clean()
+
+
+# ------------------------------------------------------------------------------ 9. threads
+
+def in_process(bench, disk: Path, **options) -> Machine:
+    """A Machine of this process (the library as a service would use it), TCG, 256M, no
+    display, its run directory in the test's folder (where assert_clean looks)."""
+    options = {"kernel": bench.guest.kernel, "initrd": bench.guest.initrd, "append": APPEND,
+               "memory": "256M", "vnc": "none"} | options
+    return Machine(BootOptions(disk=disk, accel=accel.Accel("tcg", "test"), **options), grace=1)
+
+
+@pytest.mark.vm
+def test_a_vm_driven_from_worker_threads_of_a_running_event_loop(bench, images, monkeypatch):
+    """As a cloudlet service will: an asyncio loop in the main thread, the blocking engine in
+    worker threads. The thread that started the VM ends before the VM does (its QEMU lives
+    on); QMP works from the loop's own thread while the loop runs and from several workers
+    at once; a snapshot taken from a worker waits for QEMU's MIGRATION event."""
+    monkeypatch.setattr(tempfile, "tempdir", str(bench.tmp))
+    m = in_process(bench, bench.child(images.synth, "d.qcow2"), ready="tick 1",
+                   append=f"{APPEND} vmsynth.mode=counter")
+    out = bench.tmp / "from-a-worker.vmem"
+
+    async def service():
+        failed: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                m.start()
+            except BaseException as err:  # noqa: BLE001 (reported below, in the test)
+                failed.append(err)
+
+        starter = threading.Thread(target=start)
+        starter.start()
+        await asyncio.to_thread(starter.join)
+        assert not failed, failed
+        with pytest.raises(subprocess.TimeoutExpired):  # not killed with its starter thread
+            await asyncio.to_thread(m.proc.wait, 1)
+        await asyncio.to_thread(m.wait_ready)
+        assert m.qmp.execute("query-status")["status"] == "running"  # inside the loop
+        statuses = await asyncio.gather(*(asyncio.to_thread(m.qmp.execute, "query-status")
+                                          for _ in range(4)))
+        assert {s["status"] for s in statuses} == {"running"}
+        return await asyncio.to_thread(m.snapshot, out)
+
+    try:
+        vmem = asyncio.run(service())
+    finally:
+        m.stop(grace=0)
+    assert memory.read_vmem(out).digest == vmem.digest
+    assert m.proc.returncode is not None
     bench.assert_clean()

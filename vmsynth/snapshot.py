@@ -56,24 +56,33 @@ def describe_machine(qmp: QMP, launch: dict[str, Any]) -> MachineInfo:
                        tuple(launch.get("extra_args", ())), str(launch.get("accel", "")))
 
 
-def _wait_migration(qmp: QMP) -> None:
-    deadline = time.monotonic() + MIGRATE_TIMEOUT
-    while True:
-        status = qmp.execute("query-migrate")
-        state = status.get("status")
-        if state == "completed":
-            return
-        if state in ("failed", "cancelled"):
-            raise SnapshotError(f"QEMU's migration {state}: "
-                                f"{status.get('error-desc', 'no reason given')}")
-        if time.monotonic() > deadline:
-            raise SnapshotError(f"QEMU's migration did not finish in {MIGRATE_TIMEOUT:.0f} s")
-        time.sleep(0.01)
+MIGRATION_ENDS = ("completed", "failed", "cancelled")
 
 
-def _ignore_shared(qmp: QMP) -> None:
+def _migrate(qmp: QMP, command: str, uri: str) -> None:
+    """Run `migrate` or `migrate-incoming` and wait for QEMU's MIGRATION event that says it
+    ended (the `events` capability): no polling, and a bounded wait."""
+    with qmp.listen("MIGRATION") as events:  # before the command: no event can be missed
+        qmp.execute(command, {"uri": uri})
+        event = events.wait(lambda e: e.get("data", {}).get("status") in MIGRATION_ENDS,
+                            timeout=MIGRATE_TIMEOUT)
+    if event is None:
+        try:
+            qmp.execute("migrate_cancel")
+        except QMPError:
+            pass  # the error below says what matters
+        raise SnapshotError(f"QEMU's migration did not finish in {MIGRATE_TIMEOUT:.0f} s")
+    state = event["data"]["status"]
+    if state != "completed":
+        status = qmp.execute("query-migrate")  # the event does not say why
+        raise SnapshotError(f"QEMU's migration {state}: "
+                            f"{status.get('error-desc', 'no reason given')}")
+
+
+def _capabilities(qmp: QMP) -> None:
     qmp.execute("migrate-set-capabilities", {"capabilities": [
-        {"capability": "x-ignore-shared", "state": True}]})
+        {"capability": "x-ignore-shared", "state": True},  # RAM is the shared file: not sent
+        {"capability": "events", "state": True}]})  # MIGRATION events, which _migrate awaits
 
 
 def launch_info(qmp_path: Path) -> dict[str, Any]:
@@ -136,9 +145,8 @@ def take(qmp: QMP, ram_file: Path, launch: dict[str, Any], out: Path,
     state_file = temp_path(out, "state")
     try:
         qmp.execute("stop")
-        _ignore_shared(qmp)
-        qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
-        _wait_migration(qmp)
+        _capabilities(qmp)
+        _migrate(qmp, "migrate", f"exec:cat > {shlex.quote(str(state_file))}")
         state = state_file.read_bytes()
     except OSError as err:
         raise write_error(state_file, err) from err
@@ -184,10 +192,9 @@ def resume(qmp: QMP, vmem: Vmem, rundir: Path) -> float:
     with open(vmem.path, "rb") as f:
         f.seek(vmem.ram_size)
         state.write_bytes(f.read(vmem.state_size))
-    _ignore_shared(qmp)
-    qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
+    _capabilities(qmp)
     try:
-        _wait_migration(qmp)
+        _migrate(qmp, "migrate-incoming", f"exec:cat {shlex.quote(str(state))}")
     except SnapshotError as err:
         raise SnapshotError(f"QEMU could not load {vmem.path}'s device state: {err}",
                             hint="resume with the same --kernel and --qemu-arg options the VM "

@@ -21,13 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from . import snapshot
 from .accel import Accel
 from .errors import BadInputError, BootError, SnapshotError, UsageError
 from .memory import Vmem
-from .qmp import QMP, QMPError
+from .qmp import QMP, QMPError, on_qmp_thread
 from .store import Inputs, scratch_dir
 from .tools import PACKAGES, ToolError
 
@@ -155,10 +155,13 @@ class Machine:
         self._record_launch()
         self.serial_log.parent.mkdir(parents=True, exist_ok=True)
         self.serial_log.write_bytes(b"")
+        command = self.command()
         with open(self.qemu_log, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            # Forked from the long-lived QMP thread: QEMU dies with the thread that started
+            # it (_die_with_parent), and the caller's thread may end before the VM does.
+            self.proc = on_qmp_thread(lambda: subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent))  # noqa: PLW1509 (no locks)
         deadline = time.monotonic() + 10
         while not self.control_path.exists():
             if self.proc.poll() is not None:
@@ -190,7 +193,8 @@ class Machine:
 
         `inputs`: files the caller read, which `out` must not be (nor the VM's own files).
         """
-        if self.qmp is None or self.proc is None or self.proc.poll() is not None:
+        if self.qmp is None or not self.qmp.connected or self.proc is None or \
+                self.proc.poll() is not None:
             raise SnapshotError("the VM is no longer running: nothing to snapshot")
         launch = json.loads((self.rundir / snapshot.MACHINE_FILE).read_text())
         vmem = snapshot.take(self.qmp, Path(launch["ram_file"]), launch, out, inputs)
@@ -273,7 +277,7 @@ class Machine:
                                "qmp_socket": str(self.qmp_path),
                                "serial_log": str(Path(self.serial_log).resolve()),
                                "accel": self.options.accel.name, "vnc": None}
-        if self.qmp is not None and self.options.vnc != "none":
+        if self.qmp is not None and self.qmp.connected and self.options.vnc != "none":
             try:
                 vnc = self.qmp.execute("query-vnc")
                 if vnc.get("enabled"):
@@ -290,7 +294,7 @@ class Machine:
         proc = self.proc
         try:
             if proc is not None and proc.poll() is None:
-                if self.qmp is not None:
+                if self.qmp is not None and self.qmp.connected:  # else QEMU is going
                     try:
                         self.qmp.execute("system_powerdown")
                     except QMPError:
@@ -312,7 +316,7 @@ class Machine:
                 proc.wait()
             shutil.rmtree(self.rundir, ignore_errors=True)
 
-    def __enter__(self) -> Machine:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -324,13 +328,19 @@ class Machine:
         self.stop(grace=self.grace)
 
 
+try:  # looked up now: in the forked child, dlopen could wait on a lock another thread held
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None  # not Linux: the context manager's clean-up still applies
+
+
 def _die_with_parent() -> None:
-    """In the QEMU child: be killed if vmsynth itself is killed (even by SIGKILL)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the context manager's clean-up still applies
+    """In the QEMU child: be killed if vmsynth itself is killed (even by SIGKILL).
+
+    The kernel sends the signal when the *thread* that forked the child ends (prctl(2)).
+    """
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def require_qemu() -> None:
