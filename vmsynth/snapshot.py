@@ -15,10 +15,11 @@ import re
 import shlex
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInputError, SnapshotError
+from .errors import BadInputError, SnapshotError, UsageError
 from .memory import MachineInfo, Vmem, write_vmem
 from .qmp import QMP, QMPError
 from .store import Inputs, temp_path, write_error
@@ -53,7 +54,8 @@ def describe_machine(qmp: QMP, launch: dict[str, Any]) -> MachineInfo:
     return MachineInfo(machine.removesuffix("-machine"), cpu.removesuffix("-x86_64-cpu"), size,
                        f"{v['major']}.{v['minor']}.{v['micro']}", len(cpus),
                        bool(launch.get("vga")), bool(launch.get("kernel_boot")),
-                       tuple(launch.get("extra_args", ())), str(launch.get("accel", "")))
+                       tuple(launch.get("extra_args", ())), str(launch.get("accel", "")),
+                       bool(launch.get("entropy")))
 
 
 MIGRATION_ENDS = ("completed", "failed", "cancelled")
@@ -180,6 +182,23 @@ def ram_args(ram_file: Path, size: int, machine: str, share: bool) -> list[str]:
                f"share={'on' if share else 'off'}")
     return ["-m", f"{size // (1 << 20)}M", "-object", backend,
             "-machine", f"{machine},memory-backend={RAM_ID}"]
+
+
+def entropy_args(generation_id: str = "auto") -> list[str]:
+    """QEMU arguments for a VM generation ID device and a virtio RNG.
+
+    Every VM `vmsynth boot` starts has both, so its snapshots do, and a resume adds them
+    again (the device set must match the migration stream), the generation ID new each time
+    (guid=auto is fresh on every QEMU start): a Linux guest (CONFIG_VMGENID) reseeds its RNG
+    when the ID changes, so VMs resumed from one snapshot do not share random numbers.
+    virtio-rng lets the guest draw the host's entropy from then on.
+    """
+    if generation_id != "auto":
+        try:
+            generation_id = str(uuid.UUID(generation_id))
+        except ValueError:
+            raise UsageError(f"generation ID {generation_id!r}: give auto or a UUID") from None
+    return ["-device", f"vmgenid,guid={generation_id}", "-device", "virtio-rng-pci"]
 
 
 def resume(qmp: QMP, vmem: Vmem, rundir: Path) -> float:

@@ -51,6 +51,9 @@ class BootOptions:
     timeout: float = 120.0
     extra_args: list[str] = field(default_factory=list)
     resume: Vmem | None = None  # resume this memory snapshot instead of booting
+    # The generation ID a resumed VM's vmgenid device gets: "auto", a new one per resume, so
+    # that no two resumed VMs share random numbers; a fixed UUID only to show the hazard.
+    generation_id: str = "auto"
 
 
 def ram_bytes(text: str) -> int:
@@ -104,6 +107,8 @@ class Machine:
                  "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                  "-serial", f"file:{self.serial_log}",
                  "-drive", f"file={_escape(o.disk)},format=qcow2,if=virtio,discard=unmap"]
+        if vmem is None or vmem.machine.entropy:  # a snapshot taken without them has none
+            args += snapshot.entropy_args("auto" if vmem is None else o.generation_id)
         if vga:
             args += ["-vga", "std", "-display", "none"]
             if o.vnc != "none":
@@ -133,7 +138,8 @@ class Machine:
                 "disk": str(Path(o.disk).resolve()),
                 "vga": vga, "kernel_boot": o.kernel is not None,
                 "extra_args": self.extra_args(), "accel": o.accel.name,
-                "resumed": o.resume is not None}
+                "resumed": o.resume is not None,
+                "entropy": o.resume.machine.entropy if o.resume else True}
         (self.rundir / snapshot.MACHINE_FILE).write_text(json.dumps(info))
 
     def start(self) -> None:
