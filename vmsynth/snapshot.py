@@ -17,12 +17,14 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import BadInputError, SnapshotError, UsageError
+from .errors import BadInputError, QMPError, SnapshotError, UsageError
 from .memory import MachineInfo, Vmem, write_vmem
-from .qmp import QMP, QMPError
 from .store import Inputs, temp_path, write_error
+
+if TYPE_CHECKING:
+    from .qmp import QMP
 
 RAM_ID = "vmsynth.ram"  # the memory-backend object's id in every VM vmsynth starts
 MACHINE_FILE = "machine.json"  # written by `vmsynth boot` beside its QMP socket
@@ -114,6 +116,8 @@ def snapshot(qmp_path: Path, out: Path) -> Vmem:
         raise BadInputError(f"QMP socket {qmp_path}: no such file",
                             hint="`vmsynth boot` prints its VM's QMP socket")
     launch = launch_info(qmp_path)
+    from .qmp import QMP  # asyncio and qemu.qmp: only when there is a VM to talk to
+
     try:
         qmp = QMP(str(qmp_path))
     except QMPError as err:

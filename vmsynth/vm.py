@@ -21,15 +21,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from . import snapshot
 from .accel import Accel
-from .errors import BadInputError, BootError, SnapshotError, UsageError
+from .errors import BadInputError, BootError, QMPError, SnapshotError, UsageError
 from .memory import Vmem
-from .qmp import QMP, QMPError, on_qmp_thread
 from .store import Inputs, scratch_dir
 from .tools import PACKAGES, ToolError
+
+if TYPE_CHECKING:
+    from .qmp import QMP
 
 QEMU = "qemu-system-x86_64"
 PR_SET_PDEATHSIG = 1
@@ -161,6 +163,8 @@ class Machine:
         self._record_launch()
         self.serial_log.parent.mkdir(parents=True, exist_ok=True)
         self.serial_log.write_bytes(b"")
+        from .qmp import QMP, on_qmp_thread  # asyncio and qemu.qmp: only once a VM starts
+
         command = self.command()
         with open(self.qemu_log, "wb") as log:
             # Forked from the long-lived QMP thread: QEMU dies with the thread that started
