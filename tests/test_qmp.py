@@ -5,7 +5,9 @@ The real QEMU side (MIGRATION events of a snapshot and a resume) is in tests/tes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -22,7 +24,7 @@ HANG_UP = None  # a script entry: close the connection instead of answering
 
 
 class FakeQEMU:
-    """One QMP client served on a Unix socket. `script[command]` lists what to send back:
+    """QMP clients served one at a time on a Unix socket. `script[command]` lists what to send back:
     events as they are, anything else as the command's reply (its id added), HANG_UP to close
     the connection. Unscripted commands answer {"return": {}}."""
 
@@ -38,7 +40,14 @@ class FakeQEMU:
         self.thread.start()
 
     def _serve(self) -> None:
-        conn, _ = self.listener.accept()
+        while True:  # one client at a time, as QEMU serves a QMP socket
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self._session(conn)
+
+    def _session(self, conn: socket.socket) -> None:
         with conn:
             if self.greeting is not None:
                 conn.sendall(json.dumps(self.greeting).encode() + b"\n")
@@ -67,6 +76,8 @@ class FakeQEMU:
                 buf = buf.lstrip()[end:]
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close does not)
         self.listener.close()
         self.thread.join(timeout=10)
 
@@ -214,3 +225,24 @@ def test_connections_outlive_the_thread_that_made_them(fake, sock):
     t.join()
     with made[0] as qmp:
         assert qmp.execute("query-status") == {"status": "running"}
+
+
+def test_a_forked_child_gets_a_loop_thread_of_its_own(fake, sock):
+    """The parent's QMP thread does not exist in a child made by fork (multiprocessing's
+    default on Linux): the child starts its own."""
+    fake({"query-status": [{"return": {"status": "running"}}]})
+    with QMP(sock, timeout=5):  # the parent's thread exists now (the one client: closed next)
+        pass
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, and never return into pytest
+        code = 1
+        try:
+            with QMP(sock, timeout=5) as qmp:
+                code = 0 if qmp.execute("query-status") == {"status": "running"} else 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(code)
+    os.close(write)
+    assert os.read(read, 1) == b"\0"
+    assert os.waitpid(pid, 0)[1] == 0

@@ -62,19 +62,23 @@ class _LoopThread:
     """The process's one QMP event loop, run forever by a daemon thread started on first use."""
 
     def __init__(self) -> None:
+        self._reset()
+        # A forked child has no such thread, and the lock may have been held at the fork.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._pid = 0
 
     def _get(self) -> asyncio.AbstractEventLoop:
         with self._lock:
-            if self._loop is None or self._pid != os.getpid():  # a forked child: no thread
+            if self._loop is None:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=self._serve, args=(loop,), name="vmsynth-qmp",
                                           daemon=True)
                 thread.start()
-                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+                self._loop, self._thread = loop, thread
             return self._loop
 
     @staticmethod
