@@ -1093,7 +1093,7 @@ def test_resumed_with_the_old_generation_id_vms_do_not_reseed(bench, snapshots, 
     gives each resume a new ID, not because resuming reseeds by itself.
 
     Their urandom bytes are then usually equal too, the very hazard (measured: equal on the
-    first tick in 2 of 4 snapshots, and for up to 4 ticks); but the kernel's own periodic
+    first tick in 12 of 17 snapshots, and until the next reseed); but the kernel's own periodic
     reseed (every uptime/2 s early in boot, then every 60 s; it mixes in the CPU's cycle
     counter) separates them when it falls before the first read, so equality is printed
     (pytest -s), not asserted."""
