@@ -49,9 +49,14 @@ class MachineInfo:
     kernel_boot: bool = False  # booted with -kernel: its option ROM is part of the state
     extra_args: tuple[str, ...] = ()  # --qemu-arg values: they may add devices
     accel: str = ""  # informative: what it ran under
+    # A vmgenid and a virtio-rng-pci device, which a resume adds too (the generation ID new).
+    # Optional in headers, absent meaning False: snapshots from before it have neither.
+    entropy: bool = False
 
     # What must be equal between a base's snapshot and one diffed against it.
     COMPARED = ("ram_size", "machine", "cpu", "qemu_version")
+    # Written only when true, read as False when absent: earlier headers stay as they were.
+    OPTIONAL = ("entropy",)
 
     def mismatch(self, other: MachineInfo) -> str | None:
         """How `other` differs from this one where it matters, or None."""
@@ -62,7 +67,8 @@ class MachineInfo:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"extra_args": list(self.extra_args)}
+        out = asdict(self) | {"extra_args": list(self.extra_args)}
+        return {k: v for k, v in out.items() if k not in self.OPTIONAL or v}
 
     @classmethod
     def from_json(cls, raw: object, where: str) -> MachineInfo:
@@ -72,12 +78,13 @@ class MachineInfo:
             CorruptError: a field is missing, of the wrong type or out of range.
         """
         types = {"machine": str, "cpu": str, "ram_size": int, "qemu_version": str, "cpus": int,
-                 "vga": bool, "kernel_boot": bool, "extra_args": list, "accel": str}
+                 "vga": bool, "kernel_boot": bool, "extra_args": list, "accel": str,
+                 "entropy": bool}
         if not isinstance(raw, dict):
             raise CorruptError(f"{where}: machine description is malformed")
         values: dict[str, Any] = {}
         for f in fields(cls):
-            value = raw.get(f.name)
+            value = raw.get(f.name, f.default if f.name in cls.OPTIONAL else None)
             if type(value) is not types[f.name] or (isinstance(value, str) and len(value) > 256):
                 raise CorruptError(f"{where}: machine description has an invalid {f.name}")
             values[f.name] = value

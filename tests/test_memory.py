@@ -163,6 +163,20 @@ def test_machine_description_is_type_checked():
             MachineInfo.from_json(good | {field: value}, "x")
 
 
+def test_machine_entropy_is_optional_for_snapshots_from_before_it():
+    """`entropy` (vmgenid and virtio-rng present) is absent from earlier headers: read as
+    False; written only when True, so a description without it keeps its old bytes."""
+    old = MACHINE.to_json()
+    assert "entropy" not in old and MachineInfo.from_json(old, "x").entropy is False
+    new = replace(MACHINE, entropy=True)
+    assert new.to_json() == old | {"entropy": True}
+    assert MachineInfo.from_json(new.to_json(), "x") == new
+    for value in (1, "yes", None):
+        with pytest.raises(CorruptError, match="invalid entropy"):
+            MachineInfo.from_json(old | {"entropy": value}, "x")
+    assert MACHINE.mismatch(new) is None, "a base's snapshot may predate it"
+
+
 def test_machine_mismatch_names_what_differs():
     assert MACHINE.mismatch(replace(MACHINE, accel="kvm", extra_args=("-nic", "user"))) is None
     assert "ram size" in MACHINE.mismatch(replace(MACHINE, ram_size=2 * RAM))

@@ -15,13 +15,16 @@ import re
 import shlex
 import subprocess
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import BadInputError, SnapshotError
+from .errors import BadInputError, QMPError, SnapshotError, UsageError
 from .memory import MachineInfo, Vmem, write_vmem
-from .qmp import QMP, QMPError
 from .store import Inputs, temp_path, write_error
+
+if TYPE_CHECKING:
+    from .qmp import QMP
 
 RAM_ID = "vmsynth.ram"  # the memory-backend object's id in every VM vmsynth starts
 MACHINE_FILE = "machine.json"  # written by `vmsynth boot` beside its QMP socket
@@ -53,27 +56,37 @@ def describe_machine(qmp: QMP, launch: dict[str, Any]) -> MachineInfo:
     return MachineInfo(machine.removesuffix("-machine"), cpu.removesuffix("-x86_64-cpu"), size,
                        f"{v['major']}.{v['minor']}.{v['micro']}", len(cpus),
                        bool(launch.get("vga")), bool(launch.get("kernel_boot")),
-                       tuple(launch.get("extra_args", ())), str(launch.get("accel", "")))
+                       tuple(launch.get("extra_args", ())), str(launch.get("accel", "")),
+                       bool(launch.get("entropy")))
 
 
-def _wait_migration(qmp: QMP) -> None:
-    deadline = time.monotonic() + MIGRATE_TIMEOUT
-    while True:
-        status = qmp.execute("query-migrate")
-        state = status.get("status")
-        if state == "completed":
-            return
-        if state in ("failed", "cancelled"):
-            raise SnapshotError(f"QEMU's migration {state}: "
-                                f"{status.get('error-desc', 'no reason given')}")
-        if time.monotonic() > deadline:
-            raise SnapshotError(f"QEMU's migration did not finish in {MIGRATE_TIMEOUT:.0f} s")
-        time.sleep(0.01)
+MIGRATION_ENDS = ("completed", "failed", "cancelled")
 
 
-def _ignore_shared(qmp: QMP) -> None:
+def _migrate(qmp: QMP, command: str, uri: str) -> None:
+    """Run `migrate` or `migrate-incoming` and wait for QEMU's MIGRATION event that says it
+    ended (the `events` capability): no polling, and a bounded wait."""
+    with qmp.listen("MIGRATION") as events:  # before the command: no event can be missed
+        qmp.execute(command, {"uri": uri})
+        event = events.wait(lambda e: e.get("data", {}).get("status") in MIGRATION_ENDS,
+                            timeout=MIGRATE_TIMEOUT)
+    if event is None:
+        try:
+            qmp.execute("migrate_cancel")
+        except QMPError:
+            pass  # the error below says what matters
+        raise SnapshotError(f"QEMU's migration did not finish in {MIGRATE_TIMEOUT:.0f} s")
+    state = event["data"]["status"]
+    if state != "completed":
+        status = qmp.execute("query-migrate")  # the event does not say why
+        raise SnapshotError(f"QEMU's migration {state}: "
+                            f"{status.get('error-desc', 'no reason given')}")
+
+
+def _capabilities(qmp: QMP) -> None:
     qmp.execute("migrate-set-capabilities", {"capabilities": [
-        {"capability": "x-ignore-shared", "state": True}]})
+        {"capability": "x-ignore-shared", "state": True},  # RAM is the shared file: not sent
+        {"capability": "events", "state": True}]})  # MIGRATION events, which _migrate awaits
 
 
 def launch_info(qmp_path: Path) -> dict[str, Any]:
@@ -103,6 +116,8 @@ def snapshot(qmp_path: Path, out: Path) -> Vmem:
         raise BadInputError(f"QMP socket {qmp_path}: no such file",
                             hint="`vmsynth boot` prints its VM's QMP socket")
     launch = launch_info(qmp_path)
+    from .qmp import QMP  # asyncio and qemu.qmp: only when there is a VM to talk to
+
     try:
         qmp = QMP(str(qmp_path))
     except QMPError as err:
@@ -136,9 +151,8 @@ def take(qmp: QMP, ram_file: Path, launch: dict[str, Any], out: Path,
     state_file = temp_path(out, "state")
     try:
         qmp.execute("stop")
-        _ignore_shared(qmp)
-        qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
-        _wait_migration(qmp)
+        _capabilities(qmp)
+        _migrate(qmp, "migrate", f"exec:cat > {shlex.quote(str(state_file))}")
         state = state_file.read_bytes()
     except OSError as err:
         raise write_error(state_file, err) from err
@@ -174,6 +188,23 @@ def ram_args(ram_file: Path, size: int, machine: str, share: bool) -> list[str]:
             "-machine", f"{machine},memory-backend={RAM_ID}"]
 
 
+def entropy_args(generation_id: str = "auto") -> list[str]:
+    """QEMU arguments for a VM generation ID device and a virtio RNG.
+
+    Every VM `vmsynth boot` starts has both, so its snapshots do, and a resume adds them
+    again (the device set must match the migration stream), the generation ID new each time
+    (guid=auto is fresh on every QEMU start): a Linux guest (CONFIG_VMGENID) reseeds its RNG
+    when the ID changes, so VMs resumed from one snapshot do not share random numbers.
+    virtio-rng lets the guest draw the host's entropy from then on.
+    """
+    if generation_id != "auto":
+        try:
+            generation_id = str(uuid.UUID(generation_id))
+        except ValueError:
+            raise UsageError(f"generation ID {generation_id!r}: give auto or a UUID") from None
+    return ["-device", f"vmgenid,guid={generation_id}", "-device", "virtio-rng-pci"]
+
+
 def resume(qmp: QMP, vmem: Vmem, rundir: Path) -> float:
     """Feed the device state to a QEMU started with `-incoming defer`, then run the guest.
 
@@ -184,10 +215,9 @@ def resume(qmp: QMP, vmem: Vmem, rundir: Path) -> float:
     with open(vmem.path, "rb") as f:
         f.seek(vmem.ram_size)
         state.write_bytes(f.read(vmem.state_size))
-    _ignore_shared(qmp)
-    qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
+    _capabilities(qmp)
     try:
-        _wait_migration(qmp)
+        _migrate(qmp, "migrate-incoming", f"exec:cat {shlex.quote(str(state))}")
     except SnapshotError as err:
         raise SnapshotError(f"QEMU could not load {vmem.path}'s device state: {err}",
                             hint="resume with the same --kernel and --qemu-arg options the VM "

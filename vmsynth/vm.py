@@ -21,15 +21,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 from . import snapshot
 from .accel import Accel
-from .errors import BadInputError, BootError, SnapshotError, UsageError
+from .errors import BadInputError, BootError, QMPError, SnapshotError, UsageError
 from .memory import Vmem
-from .qmp import QMP, QMPError
 from .store import Inputs, scratch_dir
 from .tools import PACKAGES, ToolError
+
+if TYPE_CHECKING:
+    from .qmp import QMP
 
 QEMU = "qemu-system-x86_64"
 PR_SET_PDEATHSIG = 1
@@ -57,6 +59,9 @@ class BootOptions:
     vnc_password: bool = False
     forwards: dict[int, int] = field(default_factory=dict)
     sandbox: bool = False
+    # The generation ID a resumed VM's vmgenid device gets: "auto", a new one per resume, so
+    # that no two resumed VMs share random numbers; a fixed UUID only to show the hazard.
+    generation_id: str = "auto"
 
 
 def ram_bytes(text: str) -> int:
@@ -111,6 +116,8 @@ class Machine:
                  "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                  "-serial", f"file:{self.serial_log}",
                  "-drive", f"file={_escape(o.disk)},format=qcow2,if=virtio,discard=unmap"]
+        if vmem is None or vmem.machine.entropy:  # a snapshot taken without them has none
+            args += snapshot.entropy_args("auto" if vmem is None else o.generation_id)
         if vga:
             args += ["-vga", "std", "-display", "none"]
             if o.vnc != "none":
@@ -171,7 +178,8 @@ class Machine:
                 "disk": str(Path(o.disk).resolve()),
                 "vga": vga, "kernel_boot": o.kernel is not None,
                 "extra_args": self.extra_args(), "accel": o.accel.name,
-                "resumed": o.resume is not None}
+                "resumed": o.resume is not None,
+                "entropy": o.resume.machine.entropy if o.resume else True}
         (self.rundir / snapshot.MACHINE_FILE).write_text(json.dumps(info))
 
     def start(self) -> None:
@@ -193,10 +201,15 @@ class Machine:
         self._record_launch()
         self.serial_log.parent.mkdir(parents=True, exist_ok=True)
         self.serial_log.write_bytes(b"")
+        from .qmp import QMP, on_qmp_thread  # asyncio and qemu.qmp: only once a VM starts
+
+        command = self.command()
         with open(self.qemu_log, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            # Forked from the long-lived QMP thread: QEMU dies with the thread that started
+            # it (_die_with_parent), and the caller's thread may end before the VM does.
+            self.proc = on_qmp_thread(lambda: subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent))  # noqa: PLW1509 (no locks)
         if self.on_spawn is not None:
             self.on_spawn(self.proc.pid)
         deadline = time.monotonic() + 10
@@ -230,7 +243,8 @@ class Machine:
 
         `inputs`: files the caller read, which `out` must not be (nor the VM's own files).
         """
-        if self.qmp is None or self.proc is None or self.proc.poll() is not None:
+        if self.qmp is None or not self.qmp.connected or self.proc is None or \
+                self.proc.poll() is not None:
             raise SnapshotError("the VM is no longer running: nothing to snapshot")
         launch = json.loads((self.rundir / snapshot.MACHINE_FILE).read_text())
         vmem = snapshot.take(self.qmp, Path(launch["ram_file"]), launch, out, inputs)
@@ -313,7 +327,7 @@ class Machine:
                                "qmp_socket": str(self.qmp_path),
                                "serial_log": str(Path(self.serial_log).resolve()),
                                "accel": self.options.accel.name, "vnc": None}
-        if self.qmp is not None and self.options.vnc != "none":
+        if self.qmp is not None and self.qmp.connected and self.options.vnc != "none":
             try:
                 vnc = self.qmp.execute("query-vnc")
                 if vnc.get("enabled"):
@@ -330,7 +344,7 @@ class Machine:
         proc = self.proc
         try:
             if proc is not None and proc.poll() is None:
-                if self.qmp is not None:
+                if self.qmp is not None and self.qmp.connected:  # else QEMU is going
                     try:
                         self.qmp.execute("system_powerdown")
                     except QMPError:
@@ -352,7 +366,7 @@ class Machine:
                 proc.wait()
             shutil.rmtree(self.rundir, ignore_errors=True)
 
-    def __enter__(self) -> Machine:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -364,13 +378,19 @@ class Machine:
         self.stop(grace=self.grace)
 
 
+try:  # looked up now: in the forked child, dlopen could wait on a lock another thread held
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None  # not Linux: the context manager's clean-up still applies
+
+
 def _die_with_parent() -> None:
-    """In the QEMU child: be killed if vmsynth itself is killed (even by SIGKILL)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the context manager's clean-up still applies
+    """In the QEMU child: be killed if vmsynth itself is killed (even by SIGKILL).
+
+    The kernel sends the signal when the *thread* that forked the child ends (prctl(2)).
+    """
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def require_qemu() -> None:
