@@ -36,6 +36,7 @@ class ExitCode(IntEnum):
     FULL = 25  # the cloudlet has no free slot (try again after its Retry-After)
     UNAUTHORIZED = 26  # the cloudlet refused the token (none, wrong, another session's)
     CLOUDLET = 27  # the cloudlet could not be reached or trusted, or lost the session
+    NO_CLOUDLET = 40  # no cloudlet (nor fallback) can serve the overlay: run it locally
     HANGUP = 129  # SIGHUP (the terminal went away): stopped as carefully as by Ctrl-C
     INTERRUPTED = 130  # Ctrl-C (SIGINT)
     TERMINATED = 143  # SIGTERM
@@ -141,6 +142,13 @@ class CloudletError(VmsynthError):
     """The cloudlet cannot be reached or trusted, answered nonsense, or lost the session."""
 
     exit_code = ExitCode.CLOUDLET
+
+
+class NoCloudletError(VmsynthError):
+    """No cloudlet nearby (nor any fallback) can serve the overlay: the next tier is the
+    device itself (degraded local mode)."""
+
+    exit_code = ExitCode.NO_CLOUDLET
 
 
 _CODEC = ((codec.CorruptError, ExitCode.CORRUPT), (codec.UnsupportedError, ExitCode.UNSUPPORTED),
