@@ -225,6 +225,29 @@ def test_the_threshold_is_where_the_choice_changes(s):
     assert above.key == t.against
 
 
+@given(situations())
+def test_a_decider_leaves_above_leave_ms_and_enters_below_enter_ms(s):
+    """Unsmoothed (gain 1), so each update's RTT is the smoothed one."""
+    t = rtt_threshold(s, "c0")
+    if t is None or not all(map(math.isfinite, (t.enter_ms, t.equal_ms, t.leave_ms))):
+        return
+    eps = max(1e-6 * t.leave_ms, 1e-3)
+    if t.enter_ms < 2 * eps:
+        return
+
+    def second(first: float, then: float) -> str:
+        d = Decider(gain=1)
+        d.update(_with_rtt(s, "c0", first))
+        return d.update(_with_rtt(s, "c0", then)).key
+
+    on, off = t.equal_ms - eps, t.equal_ms + eps  # where a fresh Decider starts
+    assert second(on, t.leave_ms - eps) == "cloudlet:c0"
+    assert second(on, t.leave_ms + eps) == t.against
+    assert second(off, t.enter_ms - eps) == "cloudlet:c0"
+    if t.enter_ms + eps < t.equal_ms:
+        assert second(off, t.enter_ms + eps) == t.against
+
+
 def test_low_battery_pushes_a_heavy_app_off_the_device():
     """30 ms of local compute per interaction against a cloudlet 40 ms away at 10 Mbps: on
     mains power, local (no setup); at 20 % charge, the cloudlet (4 W computing against

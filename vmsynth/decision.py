@@ -401,30 +401,48 @@ def rtt_threshold(s: Situation, cloudlet: str, margin: float = MARGIN) -> Thresh
     mine = next((e for e in ests if e.key == f"cloudlet:{cloudlet}"), None)
     if mine is None:
         raise ValueError(f"no cloudlet named {cloudlet!r}")
-    pool = _candidates(ests)
-    others = [e for e in pool if e.key != mine.key]
-    if mine not in pool or not others:
+    able = [e for e in ests if e.unavailable is None and math.isfinite(e.cost_s)]
+    others = [e for e in able if e.key != mine.key]
+    if mine not in able or not others:
         return None
-    other = min(others, key=lambda e: _order(e, s.running))
     site = next(c for c in s.cloudlets if c.name == cloudlet)
     n = s.workload.rate_hz * s.workload.session_s
     r = site.rtt_ms / 1000
-    # The cloudlet's cost and waiting are linear in its RTT r (seconds):
+    # The cloudlet's cost, waiting and energy are linear in its RTT r (seconds):
     #   cost = fixed + slope * r   (waiting n * r, radio energy n * r * radio_w at its price)
-    #   wait = wait0 + n * r
+    #   wait = wait0 + n * r,  energy = energy0 + n * r * radio_w
     slope = n * (1 + energy_price(s.device) * site.radio_w)
     fixed, wait0 = mine.cost_s - slope * r, mine.wait_s - n * r
+    energy0 = mine.energy_j - n * r * site.radio_w
 
     def ms(numerator: float, denominator: float) -> float:
         if denominator == 0:
             return math.inf if numerator >= 0 else -math.inf
         return numerator / denominator * 1000
 
-    # equal: fixed + slope r = other;  leave (switches(mine, other)): other < cost - m wait;
-    # enter (switches(other, mine)): cost < other - m other.wait
-    return Threshold(cloudlet, other.key, ms(other.cost_s - fixed, slope),
-                     ms(other.cost_s - fixed + margin * wait0, slope - margin * n),
-                     ms(other.cost_s - margin * other.wait_s - fixed, slope))
+    def crossing(rivals: list[Estimate]) -> tuple[str, float, float, float]:
+        other = min(rivals, key=lambda e: _order(e, s.running))
+        # equal: fixed + slope r = other;  leave (switches(mine, other)): other < cost -
+        # m wait;  enter (switches(other, mine)): cost < other - m other.wait
+        return (other.key, ms(other.cost_s - fixed, slope),
+                ms(other.cost_s - fixed + margin * wait0, slope - margin * n),
+                ms(other.cost_s - margin * other.wait_s - fixed, slope))
+
+    if s.device.battery is None:
+        return Threshold(cloudlet, *crossing(others))
+    # On battery, the cloudlet's radio energy grows with the RTT too: past `short` the
+    # battery would not last its session. Then, if another tier lasts, it is dropped (at
+    # once, also by a Decider); if none lasts, every tier competes on cost alone.
+    left = s.device.battery * s.device.battery_wh * 3600
+    short = ms(left - energy0, n * site.radio_w)
+    lasting = [e for e in others if not e.battery_short]
+    if lasting:
+        against, equal, leave, enter = crossing(lasting)
+        return Threshold(cloudlet, against, min(equal, short), min(leave, short),
+                         min(enter, short))
+    against, equal, leave, enter = crossing(others)
+    return Threshold(cloudlet, against, max(equal, short), max(leave, short),
+                     max(enter, short))
 
 
 class Decider:
