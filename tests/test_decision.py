@@ -4,6 +4,7 @@ battery, hysteresis), the fallback tiers, and the command's output and errors.""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from itertools import pairwise
@@ -407,3 +408,88 @@ def test_a_fallback_endpoint_is_tried_next(spec, tier, target):
     f = fallback(Cause.ALL_FULL, [spec, "cloud:https://second"])
     assert (f.tier, f.target, f.exit_code) == (tier, target, None)
     assert Cause.ALL_FULL.value in f.reason and target in f.reason
+
+
+# ------------------------------------------------------------------------------ the command
+
+@pytest.mark.parametrize(("name", "latency", "data", "sensitive", "offline", "choice", "cl",
+                          "co"), EXERCISE_2, ids=[c[0] for c in EXERCISE_2])
+def test_decide_json(cli, name, latency, data, sensitive, offline, choice, cl, co):
+    argv = ["decide", "--latency-ms", latency, "--data-gb", data, "--json"]
+    argv += ["--sensitive"] * sensitive + ["--offline"] * offline
+    r = cli(*argv)
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["ok"] is True and doc["model"] == "framework"
+    assert doc["choice"] == choice and doc["scores"] == {"cloudlet": cl, "cloud": co}
+    assert [x["factor"] for x in doc["reasons"]] == ["latency", "data", "sensitive", "offline"]
+    assert all(set(x) == {"factor", "tier", "points", "why"} for x in doc["reasons"])
+    assert doc["inputs"] == {"latency_ms": latency, "data_gb": data, "sensitive": sensitive,
+                             "offline": offline}
+
+
+def test_decide_text(cli):
+    r = cli("decide", "--latency-ms", 200, "--data-gb", 1, "--sensitive")
+    assert r.code == 0
+    assert r.out.startswith("cloud (cloudlet 2 = cloud 2")
+    assert "cloudlet +2" in r.out and "note:" in r.out
+
+
+def _strict(text: str):
+    def refuse(name: str):
+        raise AssertionError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_decide_runtime_json(cli):
+    r = cli("decide", "--rtt-ms", 40, "--bandwidth-mbps", 10, "--cloud-rtt-ms", 60,
+            "--local-ms", 30, "--overlay-size", "150M", "--json")
+    assert r.code == 0, r.err
+    doc = _strict(r.out)
+    assert doc["model"] == "runtime" and doc["choice"] == "local"  # mains: local, no setup
+    assert [e["tier"] for e in doc["estimates"]] == ["local", "cloudlet", "cloud"]
+    assert set(doc["threshold"]) == {"against", "equal_ms", "leave_ms", "enter_ms"}
+    low = _strict(cli("decide", "--rtt-ms", 40, "--bandwidth-mbps", 10, "--local-ms", 30,
+                      "--battery", 20, "--json").out)
+    assert low["choice"] == "cloudlet" and low["energy_price_s_per_j"] > 0
+
+
+def test_decide_runtime_without_a_local_estimate(cli):
+    r = cli("decide", "--cloud-rtt-ms", 80, "--json")
+    doc = _strict(r.out)
+    assert r.code == 0 and doc["choice"] == "cloud" and doc["threshold"] is None
+    local = doc["estimates"][0]
+    assert local["tier"] == "local" and local["cost_s"] is None and local["unavailable"]
+    text = cli("decide", "--rtt-ms", 4, "--cloud-rtt-ms", 90)
+    assert text.code == 0 and text.out.startswith("cloudlet: ")
+    assert "chosen up to a round trip of" in text.out
+
+
+@pytest.mark.parametrize("argv", [
+    ["--latency-ms", "nan", "--data-gb", "1"],
+    ["--latency-ms", "-1", "--data-gb", "1"],
+    ["--latency-ms", "abc", "--data-gb", "1"],
+    ["--latency-ms", "10"],
+    [],
+    ["--latency-ms", "10", "--data-gb", "1", "--rtt-ms", "3"],
+    ["--rtt-ms", "inf"],
+    ["--rtt-ms", "3", "--battery", "150"],
+    ["--rtt-ms", "3", "--cpu-budget", "0"],
+    ["--local-ms", "3"],
+])
+def test_decide_bad_input_is_one_line(cli, argv):
+    r = cli("decide", *argv)
+    assert r.code == ExitCode.USAGE
+    assert "Traceback" not in r.err
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.err
+    j = cli("decide", *argv, "--json")
+    assert j.code == ExitCode.USAGE and j.json()["error"]["kind"] == "usage"
+
+
+def test_decide_help_has_examples(cli):
+    r = cli("decide", "--help")
+    assert r.code == 0
+    examples = r.out[r.out.index("Examples"):]
+    assert sum(line.strip().startswith("vmsynth decide") for line in examples.splitlines()) >= 3
+    assert "decide" in cli("--help").out
