@@ -177,7 +177,8 @@ def _runtime(opts: dict[str, Any], as_json: bool) -> None:
                 "enter_ms": _finite(threshold.enter_ms)},
             "inputs": {k: opts[k] for k in RUNTIME}})
         return
-    console.out.print(f"{d.choice}: {d.reason}")
+    # the reason names the chosen tier first, except for the last resort
+    console.out.print(d.reason if d.reason.startswith(d.choice) else f"{d.choice}: {d.reason}")
     console.out.print(f"  {'tier':<9} {'usable in':>10} {'per answer':>11} {'waiting':>9} "
                       f"{'energy':>8} {'cost':>8}")
     for e in d.estimates:
