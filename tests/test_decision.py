@@ -295,6 +295,14 @@ def test_full_or_baseless_cloudlets_are_not_chosen():
     assert decide_runtime(replace(s, running="cloudlet:full")).name == "full"
 
 
+def test_ranked_is_the_order_to_try():
+    s = Situation(Workload(150 * MB), cloudlets=(Site("far", 60), Site("full", 1, free_slots=0),
+                                                 Site("near", 3)),
+                  cloud=Site("cloud", 90, synthesizes=False))
+    assert [e.key for e in decision.ranked(s)] == ["cloudlet:near", "cloudlet:far", "cloud"]
+    assert decide_runtime(s).key == "cloudlet:near"
+
+
 def test_nothing_can_serve_is_degraded_local():
     s = Situation(Workload(150 * MB), cloudlets=(Site("a", 1, free_slots=0),))
     d = decide_runtime(s)
@@ -310,6 +318,10 @@ def test_runtime_refuses_impossible_devices(change):
 
 
 def test_runtime_refuses_impossible_sites():
+    with pytest.raises(ValueError, match="unique"):
+        decide_runtime(Situation(Workload(MB), cloudlets=(Site("a", 1), Site("a", 2))))
+    with pytest.raises(ValueError, match="synthesis_s"):
+        decide_runtime(Situation(Workload(MB), cloudlets=(Site("a", 1, synthesis_s=-1),)))
     with pytest.raises(ValueError, match="rtt_ms"):
         decide_runtime(Situation(Workload(MB), cloudlets=(Site("a", -1),)))
     with pytest.raises(ValueError, match="bandwidth"):

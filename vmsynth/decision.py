@@ -259,8 +259,13 @@ def _validate(s: Situation) -> None:
         raise ValueError(f"cpu_budget must be in (0, 1], not {d.cpu_budget!r}")
     if d.battery is not None and not 0 <= d.battery <= 1:
         raise ValueError(f"battery must be in [0, 1], not {d.battery!r}")
+    names = [c.name for c in s.cloudlets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cloudlet names must be unique: {names}")
     for site in (*s.cloudlets, *([s.cloud] if s.cloud else [])):
-        _check(f"{site.name}: rtt_ms", site.rtt_ms)
+        for name, value in (("rtt_ms", site.rtt_ms), ("negotiate_s", site.negotiate_s),
+                            ("synthesis_s", site.synthesis_s), ("radio_w", site.radio_w)):
+            _check(f"{site.name}: {name}", value)
         if not site.bandwidth_mbps > 0 or not math.isfinite(site.bandwidth_mbps):
             raise ValueError(f"{site.name}: bandwidth_mbps must be > 0")
 
@@ -329,6 +334,12 @@ def _candidates(ests: tuple[Estimate, ...]) -> list[Estimate]:
     return lasting or able
 
 
+def ranked(s: Situation) -> list[Estimate]:
+    """The tiers that can serve this session, best first: the order to try them in when the
+    first fails (`decide_runtime` takes the first)."""
+    return sorted(_candidates(estimates(s)), key=lambda e: _order(e, s.running))
+
+
 def _secs(x: float) -> str:
     return f"{x:.0f} s" if x >= 10 else f"{x:.1f} s"
 
@@ -361,14 +372,14 @@ def decide_runtime(s: Situation) -> RuntimeDecision:
     """
     ests = estimates(s)
     price = energy_price(s.device)
-    ranked = sorted(_candidates(ests), key=lambda e: _order(e, s.running))
-    if not ranked:
+    order = sorted(_candidates(ests), key=lambda e: _order(e, s.running))
+    if not order:
         why = "; ".join(f"{e.label} {e.unavailable}" for e in ests if e.tier != "local")
         return RuntimeDecision("local", None, "no cloudlet or cloud can serve" +
                                (f" ({why})" if why else "") + ": degraded local mode",
                                ests, price)
-    best = ranked[0]
-    reason = _explain(best, ranked[1] if len(ranked) > 1 else None, s, price)
+    best = order[0]
+    reason = _explain(best, order[1] if len(order) > 1 else None, s, price)
     return RuntimeDecision(best.tier, best.name, reason, ests, price)
 
 
