@@ -33,7 +33,7 @@ cloudlet, 27 cloudlet unreachable or session lost, 40 no cloudlet can serve
 # Command name -> module in vmsynth.cli (each defines `command`), in the order --help lists.
 COMMANDS = {name: name for name in (
     "create", "apply", "verify", "inspect", "base", "keygen", "boot", "snapshot", "run",
-    "check", "serve", "discover", "offload", "sessions")}
+    "check", "serve", "discover", "decide", "offload", "sessions")}
 
 
 class LazyGroup(click.Group):
