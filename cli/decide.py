@@ -166,11 +166,7 @@ def _runtime(opts: dict[str, Any], as_json: bool) -> None:
         console.emit_json({
             "ok": True, "model": "runtime", "choice": d.choice, "name": d.name,
             "reason": d.reason, "energy_price_s_per_j": round(d.energy_price, 4),
-            "estimates": [{"tier": e.tier, "name": e.name, "ready_s": _finite(e.ready_s),
-                           "response_ms": _finite(e.response_ms), "wait_s": _finite(e.wait_s),
-                           "energy_j": _finite(e.energy_j), "cost_s": _finite(e.cost_s),
-                           "unavailable": e.unavailable, "battery_short": e.battery_short}
-                          for e in d.estimates],
+            "estimates": [e.to_json() for e in d.estimates],
             "threshold": None if threshold is None else {
                 "against": threshold.against, "equal_ms": _finite(threshold.equal_ms),
                 "leave_ms": _finite(threshold.leave_ms),

@@ -6,15 +6,26 @@ import asyncio
 import contextlib
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import click
 
 from vmsynth import signals
+from vmsynth.decision import (
+    CLOUD_MBPS,
+    Device,
+    Estimate,
+    Site,
+    Situation,
+    Workload,
+    decide_runtime,
+    ranked,
+)
 from vmsynth.errors import CloudletError, ExitCode, NoCloudletError, VmsynthError, exit_code
 from vmsynth.service.client import Client, Trust, hold, negotiation_body, stream
-from vmsynth.service.discovery import discover
+from vmsynth.service.discovery import Found, confirm, discover
 from vmsynth.source import Limits, open_source
 
 from . import console
@@ -101,22 +112,68 @@ class Plan:
             found = await discover(self.discover_timeout, want)
             _event(as_json, "discovered", {"cloudlets": [f.to_json() for f in found],
                                            "seconds": round(time.monotonic() - began, 3)})
-            usable = [f for f in found if f.has_base and f.free > 0]
+            usable = {f.url: f for f in found if f.has_base and f.free > 0}
             if not found:
                 why = "no cloudlet answered nearby"
             elif not any(f.has_base for f in found):
                 why = f"no cloudlet nearby has base {want.label}"
             elif not usable:
                 why = f"every cloudlet with base {want.label} is full"
-            base = cloudlet_client("http://x", self.token_file, None, None)
-            out += [(f"the cloudlet at {f.url}",
-                     Client(f.url, base.token, Trust(f.fingerprint))) for f in usable]
+            token = cloudlet_client("http://x", self.token_file, None, None).token
+            for tier in await self._decide(found, as_json):  # best first, by the model
+                if tier.tier == "cloudlet" and tier.name in usable:
+                    f = usable[tier.name]
+                    out.append((f"the cloudlet at {f.url}",
+                                Client(f.url, token, Trust(f.fingerprint))))
+                elif tier.tier == "cloud" and self.fallbacks:
+                    out.append(self._fallback(self.fallbacks[0]))
         else:
             out.append((f"the cloudlet at {self.url}", cloudlet_client(
                 self.url, self.token_file, self.fingerprint, self.cacert)))
-        out += [(f"the fallback {u}", cloudlet_client(u, self.token_file, None, self.cacert))
-                for u in self.fallbacks]
+        out += [self._fallback(u) for u in self.fallbacks
+                if f"the fallback {u}" not in dict(out)]
         return out, why
+
+    def _fallback(self, url: str) -> tuple[str, Client]:
+        return f"the fallback {url}", cloudlet_client(url, self.token_file, None, self.cacert)
+
+    async def _decide(self, found: list[Found], as_json: bool) -> list[Estimate]:
+        """The tiers in the order the runtime model ranks them (vmsynth.decision), from
+        what discovery measured; the first --fallback is the cloud, its RTT measured too."""
+        cloud = None
+        if self.fallbacks:
+            answered = await confirm(Found(self.fallbacks[0], self.fallbacks[0], None, {}),
+                                     None, Trust(None, self.cacert).ssl())
+            if answered is not None and answered.rtt_ms is not None:
+                cloud = Site(self.fallbacks[0], answered.rtt_ms, bandwidth_mbps=CLOUD_MBPS)
+        path = Path(self.overlay)
+        size = path.stat().st_size if self.overlay != "-" and path.is_file() else OVERLAY_GUESS
+        situation = Situation(
+            Workload(size), _device(),
+            tuple(Site(f.url, f.rtt_ms or 1e4, free_slots=f.free, has_base=bool(f.has_base))
+                  for f in found), cloud)
+        decision = decide_runtime(situation)
+        _event(as_json, "decided", {
+            "choice": decision.choice, "name": decision.name, "reason": decision.reason,
+            "estimates": [e.to_json() for e in decision.estimates],
+            "inputs": {"overlay_bytes": size, "battery": situation.device.battery,
+                       "cloudlets": [asdict(c) for c in situation.cloudlets],
+                       "cloud": asdict(cloud) if cloud else None}})
+        if not as_json:
+            console.err.print(f"decided: {decision.reason}")
+        return ranked(situation)
+
+
+OVERLAY_GUESS = 150 * 1000 * 1000  # the chapter's overlay, when the size is not known ahead
+
+
+def _device() -> Device:
+    """This device as the model needs it: on battery (its charge) or on mains power."""
+    for supply in Path("/sys/class/power_supply").glob("BAT*"):
+        with contextlib.suppress(OSError, ValueError):
+            if (supply / "status").read_text().strip() == "Discharging":
+                return Device(battery=int((supply / "capacity").read_text()) / 100)
+    return Device()
 
 
 # A cloudlet that cannot serve (no base, no slot, over its budget, unreachable, dead): the

@@ -21,11 +21,11 @@ from . import console
 from .options import json_option
 
 
-def _listen(text: str) -> tuple[str, int]:
+def _listen(text: str, option: str = "--listen") -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
         raise click.BadParameter(f"{text!r}: give HOST:PORT, e.g. 0.0.0.0:8750",
-                                 param_hint="--listen")
+                                 param_hint=option)
     return host.strip("[]"), int(port)
 
 
@@ -89,12 +89,15 @@ Examples:
                                       "within about 1.5 times this.")
 @click.option("--no-advertise", is_flag=True,
               help="Do not announce the cloudlet by mDNS (_cloudlet._tcp) on the network.")
+@click.option("--advertise", "advertise_at", metavar="HOST:PORT",
+              help="Announce this address instead of the one listened on (a cloudlet behind "
+                   "a proxy or NAT).")
 @json_option
 def command(listen: str, slots: int | None, grace: float, max_overlay: int,
             token_file: str | None, open_: bool, tls_cert: str | None, tls_key: str | None,
             no_tls: bool, no_cgroups: bool, memory: str, accel: str, negotiate_timeout: float,
             speed_limit: int, speed_time: float, heartbeat: float, no_advertise: bool,
-            as_json: bool) -> None:
+            advertise_at: str | None, as_json: bool) -> None:
     """Run a cloudlet: serve the cached bases to users who bring overlays.
 
     A user's device negotiates a session for its overlay's base, streams the overlay (the
@@ -157,7 +160,11 @@ def command(listen: str, slots: int | None, grace: float, max_overlay: int,
                                   f"--fingerprint): {fingerprint}")
 
     # mDNS from loopback reaches no one: only a cloudlet on the network is announced.
-    advertise = not no_advertise and not _loopback(host)
+    advertise = None
+    if advertise_at:
+        advertise = _listen(advertise_at, "--advertise")
+    elif not no_advertise and not _loopback(host):
+        advertise = (host, 0)
     why = asyncio.run(serve(cloudlet, context, ready, advertise, fingerprint))
     if not as_json:
         console.err.print(f"stopped ({why}): every session ended and scrubbed")

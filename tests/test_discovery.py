@@ -96,14 +96,15 @@ def _json_docs(text: str) -> list:
 class Cloudlet:
     """`vmsynth serve` in the cloudlet namespace."""
 
-    def __init__(self, h, net: Net, env: dict, *args: object) -> None:
+    def __init__(self, h, net: Net, env: dict, *args: object, listen: str | None = None
+                 ) -> None:
         self.net = net
         self.log = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 net.exec(net.cloudlet, h.VMSYNTH, "serve", "--listen",
-                         f"{net.cloudlet_ip}:8750", "--open", "--no-cgroups", "--accel", "tcg",
-                         "--grace", "2", "--json", *args),
+                         listen or f"{net.cloudlet_ip}:8750", "--open", "--no-cgroups",
+                         "--accel", "tcg", "--grace", "2", "--json", *args),
                 stdout=subprocess.PIPE, stderr=log, env=env, text=True)
         assert self.proc.stdout is not None
         buf = ""
@@ -130,8 +131,8 @@ class Cloudlet:
 def cloudlets(h, net, env):
     made: list[Cloudlet] = []
 
-    def start(*args: object) -> Cloudlet:
-        c = Cloudlet(h, net, env, *args)
+    def start(*args: object, listen: str | None = None) -> Cloudlet:
+        c = Cloudlet(h, net, env, *args, listen=listen)
         made.append(c)
         return c
 
@@ -244,6 +245,146 @@ def test_with_no_cloudlet_offload_says_which_tier_to_fall_to(h, net, env, world)
     assert p.returncode == ExitCode.NO_CLOUDLET, p.stderr
     assert "no cloudlet answered nearby" in p.stderr and "run it locally" in p.stderr
     assert "trying running locally" in p.stderr  # the fallback tier was tried, then local
+
+
+# ------------------------------------------------------------------------------ the decision
+
+DELAY_PROXY = """
+import asyncio, sys
+listen, port, to_host, to_port, delay = sys.argv[1], int(sys.argv[2]), sys.argv[3], \\
+    int(sys.argv[4]), float(sys.argv[5]) / 1000
+
+async def pipe(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            await asyncio.sleep(delay)  # each way: a round trip gains twice this
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+async def serve(reader, writer):
+    up_reader, up_writer = await asyncio.open_connection(to_host, to_port)
+    await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
+                         return_exceptions=True)
+
+async def main():
+    server = await asyncio.start_server(serve, listen, port)
+    print("listening", flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def delay(h, net):
+    """A TCP proxy in the cloudlet's namespace that delays every chunk each way."""
+    running: list[subprocess.Popen] = []
+
+    def start(port: int, to_port: int, ms: float) -> None:
+        p = subprocess.Popen(net.exec(net.cloudlet, Path(h.VMSYNTH).parent / "python", "-c",
+                                      DELAY_PROXY, net.cloudlet_ip, port, "127.0.0.1", to_port,
+                                      ms), stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None and p.stdout.readline().strip() == "listening"
+        running.append(p)
+
+    def stop_all() -> None:
+        for p in running:
+            p.kill()
+            p.wait()
+        running.clear()
+
+    start.stop_all = stop_all  # type: ignore[attr-defined]
+    yield start
+    stop_all()
+
+
+def _ca(folder: Path, ip: str) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate it signed for `ip`: the cloud endpoint's real-world trust."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cloud")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(
+                ipaddress.ip_address(ip))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    paths = folder / "ca.pem", folder / "cloud.pem", folder / "cloud.key"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(leaf.public_bytes(pem))
+    paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def decided(h, net: Net, env: dict, overlay: Path, cloud: str, ca: Path) -> dict:
+    """offload --cloudlet auto's decision (then it is stopped: no VM needed here)."""
+    p = subprocess.Popen(net.exec(net.user, h.VMSYNTH, "offload", overlay, "--cloudlet", "auto",
+                                  "--fallback", cloud, "--cacert", ca, "--json"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while True:
+            try:
+                event = next_json(p.stdout)
+            except AssertionError:
+                pytest.fail(f"offload ended ({p.wait()}): {p.stderr.read()}")
+            if event.get("event") == "decided":
+                return event
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=HANG)
+
+
+def test_round_trip_time_moves_the_choice_from_cloudlet_to_cloud_at_the_threshold(
+        h, net, env, world, cloudlets, delay, tmp_path):
+    """The cloudlet is reached through a proxy that delays it; the cloud (a `vmsynth serve`
+    with a CA-signed certificate, the first --fallback) through one that adds 40 ms. Below
+    the model's RTT threshold (vmsynth.decision.rtt_threshold, from what offload measured)
+    offload chooses the cloudlet, above it the cloud."""
+    from vmsynth.decision import Device, Site, Situation, Workload, rtt_threshold
+
+    ca, cert, key = _ca(tmp_path, net.cloudlet_ip)
+    cloudlets("--advertise", f"{net.cloudlet_ip}:8750", listen="127.0.0.1:8760")
+    cloudlets("--no-advertise", "--tls-cert", cert, "--tls-key", key, listen="127.0.0.1:8780")
+    cloud = f"https://{net.cloudlet_ip}:8770"
+    delay(8770, 8780, 20)  # the cloud: ~40 ms more per round trip
+
+    def measure(ms: float) -> tuple[dict, float]:
+        delay(8750, 8760, ms)
+        event = decided(h, net, env, world.overlay, cloud, ca)
+        delay.stop_all()  # type: ignore[attr-defined]
+        delay(8770, 8780, 20)
+        inputs = event["inputs"]
+        site = next(c for c in inputs["cloudlets"] if c["name"].endswith(":8750"))
+        situation = Situation(Workload(inputs["overlay_bytes"]), Device(),
+                              (Site(**site),), Site(**inputs["cloud"]))
+        threshold = rtt_threshold(situation, site["name"])
+        assert threshold is not None and threshold.against == "cloud", threshold
+        return event, site["rtt_ms"] - threshold.equal_ms
+
+    near, below = measure(2)  # ~4 ms per round trip: well under the cloud's 40
+    assert below < 0 and near["choice"] == "cloudlet", near["reason"]
+    far, above = measure(40)  # ~80 ms
+    assert above > 0 and far["choice"] == "cloud", far["reason"]
 
 
 # ------------------------------------------------------------------------------ Avahi

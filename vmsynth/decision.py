@@ -215,6 +215,16 @@ class Estimate:
     def label(self) -> str:
         return self.tier if self.name in (None, self.tier) else f"{self.tier} {self.name}"
 
+    def to_json(self) -> dict[str, object]:
+        """JSON has no infinity: an estimate that does not exist is null."""
+        def finite(x: float) -> float | None:
+            return round(x, 3) if math.isfinite(x) else None
+
+        return {"tier": self.tier, "name": self.name, "ready_s": finite(self.ready_s),
+                "response_ms": finite(self.response_ms), "wait_s": finite(self.wait_s),
+                "energy_j": finite(self.energy_j), "cost_s": finite(self.cost_s),
+                "unavailable": self.unavailable, "battery_short": self.battery_short}
+
 
 @dataclass(frozen=True)
 class RuntimeDecision:

@@ -179,9 +179,9 @@ async def browse(timeout: float) -> list[Found]:
     return found
 
 
-async def confirm(found: Found, want: WantedBase | None) -> Found | None:
-    """Ask the cloudlet itself; None if it does not answer (a stale mDNS record)."""
-    ssl: Any = True
+async def confirm(found: Found, want: WantedBase | None, ssl: Any = True) -> Found | None:
+    """Ask the cloudlet itself; None if it does not answer (a stale mDNS record). `ssl`:
+    how to trust it when it advertised no fingerprint (aiohttp's `ssl` argument)."""
     if found.fingerprint:
         ssl = aiohttp.Fingerprint(bytes.fromhex(found.fingerprint.removeprefix("sha256:")))
     timeout = aiohttp.ClientTimeout(total=CONFIRM_TIMEOUT)

@@ -299,10 +299,11 @@ class _Collector:
 
 
 async def serve(cloudlet: Cloudlet, ssl_context: Any | None, on_ready: Any = None,
-                advertise: bool = True, fingerprint: str | None = None) -> str:
+                advertise: tuple[str, int] | None = None, fingerprint: str | None = None
+                ) -> str:
     """Run the cloudlet until SIGINT, SIGTERM or SIGHUP; every session is then ended and
-    scrubbed before this returns (the signal's name). With `advertise`, announce it by
-    mDNS (vmsynth.service.discovery) while it serves."""
+    scrubbed before this returns (the signal's name). With `advertise` (host, port; port 0:
+    the one listened on), announce it by mDNS (vmsynth.service.discovery) while it serves."""
     import signal
 
     runner = web.AppRunner(make_app(cloudlet), handle_signals=False, access_log=None)
@@ -323,9 +324,10 @@ async def serve(cloudlet: Cloudlet, ssl_context: Any | None, on_ready: Any = Non
                                 f"{cloudlet.config.port}: {err.strerror or err}",
                                 hint="choose another --listen address or port") from None
         cloudlet.config.port = int(runner.addresses[0][1])  # the one bound, for port 0
-        if advertise:
-            advertiser = Advertiser(cloudlet.config.service_id, cloudlet.config.host,
-                                    cloudlet.config.port, ssl_context is not None, fingerprint)
+        if advertise is not None:
+            advertiser = Advertiser(cloudlet.config.service_id, advertise[0],
+                                    advertise[1] or cloudlet.config.port,
+                                    ssl_context is not None, fingerprint)
             await advertiser.start(cloudlet.info())
             cloudlet.on_change.append(lambda: advertiser.changed(cloudlet.info))
         if on_ready is not None:
