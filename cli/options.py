@@ -156,16 +156,21 @@ def cloudlet_options(f: Any) -> Any:
     return f
 
 
+def read_token(token_file: str | None) -> str | None:
+    """A bearer token from --token-file (its first line, blanks stripped)."""
+    if not token_file:
+        return None
+    try:
+        return Path(token_file).read_text().strip()
+    except OSError as err:
+        raise UsageError(f"--token-file {token_file}: {err.strerror}") from None
+
+
 def cloudlet_client(url: str, token_file: str | None, fingerprint: str | None,
                     cacert: str | None) -> Client:
     """A cloudlet API client from the command's options."""
     from vmsynth.service.client import Client, Trust  # aiohttp: only for the commands that talk
-    token = None
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as err:
-            raise UsageError(f"--token-file {token_file}: {err.strerror}") from None
+    token = read_token(token_file)
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--cloudlet {url!r}: give an http:// or https:// URL")
     return Client(url, token, Trust(fingerprint, cacert))

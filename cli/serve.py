@@ -18,7 +18,7 @@ from vmsynth.service.http import serve
 from vmsynth.source import Limits, redact
 
 from . import console
-from .options import json_option
+from .options import json_option, read_token
 
 
 def _listen(text: str, option: str = "--listen") -> tuple[str, int]:
@@ -108,14 +108,9 @@ def command(listen: str, slots: int | None, grace: float, max_overlay: int,
     documented in docs/cloudlet-api.md.
     """
     host, port = _listen(listen)
-    token = None
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as err:
-            raise UsageError(f"--token-file {token_file}: {err.strerror}") from None
-        if len(token) < 16:
-            raise UsageError(f"--token-file {token_file}: a token needs at least 16 characters")
+    token = read_token(token_file)
+    if token is not None and len(token) < 16:
+        raise UsageError(f"--token-file {token_file}: a token needs at least 16 characters")
     if not _loopback(host) and token is None and not open_:
         raise UsageError(f"serving {host} without a token lets anyone who reaches it start "
                          "VMs", hint="give --token-file FILE, or --open to do it anyway")

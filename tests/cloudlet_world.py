@@ -54,6 +54,18 @@ def next_json(stream) -> dict:
             continue
 
 
+def running_event(p: subprocess.Popen) -> dict:
+    """`vmsynth offload --json`'s events, read until the VM runs."""
+    assert p.stdout is not None
+    while True:
+        try:
+            event = next_json(p.stdout)
+        except AssertionError:
+            pytest.fail(f"offload ended ({p.wait()}): {p.stderr.read() if p.stderr else ''}")
+        if event.get("event") == "running":
+            return event
+
+
 def until(what: str, check, timeout: float = HANG, proc: subprocess.Popen | None = None):
     deadline = time.monotonic() + timeout
     while True:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cloudlet_world import next_json
+from cloudlet_world import next_json, running_event
 
 from vmsynth.errors import ExitCode
 
@@ -150,18 +150,6 @@ def discover(h, net: Net, env: dict, *args: object) -> list[dict]:
 
 # ------------------------------------------------------------------------------ discovery
 
-def running(p: subprocess.Popen) -> dict:
-    """`offload --json`'s events, read until the VM runs."""
-    assert p.stdout is not None
-    while True:
-        try:
-            event = next_json(p.stdout)
-        except AssertionError:
-            pytest.fail(f"offload ended ({p.wait()}): {p.stderr.read() if p.stderr else ''}")
-        if event.get("event") == "running":
-            return event
-
-
 def test_a_cloudlet_is_found_within_3_s_and_confirmed(h, net, env, world, cloudlets):
     c = cloudlets()
     found, seconds = [], 0.0
@@ -207,7 +195,7 @@ def test_free_slots_seen_through_discovery_follow_the_sessions(h, net, env, worl
                                   "auto", "--json"), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
     try:
-        running(p)
+        running_event(p)
         deadline = time.monotonic() + 60
         while True:
             now = discover(h, net, env, "--timeout", "1")
@@ -226,7 +214,7 @@ def test_offload_auto_runs_the_vm_and_ctrl_c_wipes_it(h, net, env, world, cloudl
     p = subprocess.Popen(net.exec(net.user, h.VMSYNTH, "offload", world.overlay, "--cloudlet",
                                   "auto", "--json"), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env)
-    event = running(p)
+    event = running_event(p)
     assert event["vnc"]["host"] == net.cloudlet_ip, event
     assert h.alive(event["pid"])
     p.send_signal(signal.SIGINT)

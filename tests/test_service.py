@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from cloudlet_world import HANG, World, next_json, until, vmsynth
+from cloudlet_world import HANG, World, next_json, running_event, until, vmsynth
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -124,19 +124,6 @@ def _events(text: str) -> list[dict]:
     return out
 
 
-def _running_event(p: subprocess.Popen) -> dict:
-    """Read `offload --json` events until the VM runs."""
-    assert p.stdout is not None
-    while True:
-        try:
-            event = next_json(p.stdout)
-        except AssertionError:
-            pytest.fail(f"offload ended ({p.wait()}): {p.stderr.read() if p.stderr else ''}")
-        if event.get("event") == "running":
-            return event
-        assert event.get("event") == "negotiated", event
-
-
 def _rfb(vnc: dict) -> list[int]:
     """Connect to the VM's VNC server: its greeting, and the security types it offers."""
     with socket.create_connection((vnc["host"], vnc["port"]), timeout=30) as c:
@@ -153,7 +140,7 @@ def test_offload_resumes_serves_vnc_and_wipes_after_the_grace(h, world, serve):
     nothing left."""
     svc = serve("--grace", "2", "--slots", "2")
     p = svc.offload(world.overlay)
-    running = _running_event(p)
+    running = running_event(p)
     timeline = running["timeline"]
     assert {"negotiate", "transfer", "synthesize", "resume"} <= set(timeline), timeline
     assert running["pid"] in svc.qemu(), "the VM is the cloudlet's QEMU"
@@ -175,7 +162,7 @@ def test_offload_resumes_serves_vnc_and_wipes_after_the_grace(h, world, serve):
 def test_ctrl_c_ends_the_session_and_waits_for_the_wipe(h, world, serve):
     svc = serve()
     p = svc.offload(world.overlay)
-    running = _running_event(p)
+    running = running_event(p)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=HANG)
     assert p.returncode == 0, err
@@ -283,7 +270,7 @@ def test_n_plus_one_requests_for_n_slots_give_n_sessions(world, serve):
 def test_kill_9_of_the_service_leaves_nothing_for_long(h, world, serve):
     svc = serve("--grace", "3")  # the client tries to come back for that long
     p = svc.offload(world.overlay)
-    running = _running_event(p)
+    running = running_event(p)
     pid = running["pid"]
     svc.stop(signal.SIGKILL)
     until("QEMU to die with the service", lambda: not h.alive(pid), timeout=10)
@@ -299,7 +286,7 @@ def test_kill_9_of_the_service_leaves_nothing_for_long(h, world, serve):
 def test_sigterm_ends_every_session_cleanly(h, world, serve):
     svc = serve("--grace", "3")
     p = svc.offload(world.overlay)
-    running = _running_event(p)
+    running = running_event(p)
     assert svc.stop(signal.SIGTERM) == 0
     assert not h.alive(running["pid"]) and svc.sessions_on_disk() == []
     p.wait(timeout=HANG)
@@ -309,7 +296,7 @@ def test_sigterm_ends_every_session_cleanly(h, world, serve):
 def test_an_encrypted_overlay_with_its_key_over_tls(world, serve):
     svc = serve()
     p = svc.offload(world.encrypted, "--key-file", world.key)
-    running = _running_event(p)
+    running = running_event(p)
     assert running["vnc"]
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=HANG) == 0
@@ -360,7 +347,7 @@ def test_refusals_are_one_line_with_their_exit_code(world, serve, case, code):
 def test_the_cloudlet_full_is_its_own_exit_code(world, serve):
     svc = serve("--slots", "1")
     first = svc.offload(world.overlay)
-    _running_event(first)
+    running_event(first)
     second = svc.offload(world.overlay)
     _, err = second.communicate(timeout=HANG)
     assert second.returncode == ExitCode.FULL and "full" in err, err
@@ -387,7 +374,7 @@ def _raw(svc: Service, method: str, path: str, body: bytes | None = None,
 def test_hostile_requests_are_refused_and_harm_no_one(world, serve):
     svc = serve("--slots", "3", "--negotiate-timeout", "5", "--speed-time", "3")
     good = svc.offload(world.overlay)
-    running = _running_event(good)
+    running = running_event(good)
     body, _ = _negotiation(world.overlay)
     cases = {
         "not json": (b"{not json", 400), "a list": (b"[1, 2]", 400),
@@ -531,7 +518,7 @@ def test_run_uses_the_bases_boot_settings(h, world):
 def test_the_metrics_page_counts_sessions(world, serve):
     svc = serve()
     p = svc.offload(world.overlay)
-    _running_event(p)
+    running_event(p)
     status, text = asyncio.run(_text(svc, "/metrics"))
     assert status == 200 and 'vmsynth_sessions{state="running"} 1.0' in text, text
     p.send_signal(signal.SIGINT)

@@ -1136,7 +1136,7 @@ def test_entropy_devices_on_the_qemu_command_line(tmp_path):
     def snapshot(entropy: bool) -> memory.Vmem:
         machine = memory.MachineInfo("pc-i440fx-7.2", "qemu64", 256 * MiB, "7.2.22",
                                      entropy=entropy)
-        return memory.Vmem(tmp_path / "s.vmem", machine, 1000, "sha256:" + "0" * 64)
+        return memory.Vmem(machine, 1000, "sha256:" + "0" * 64, tmp_path / "s.vmem")
 
     def devices(cmd: list[str]) -> list[str]:
         return [cmd[i + 1] for i, a in enumerate(cmd) if a == "-device"]

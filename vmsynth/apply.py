@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -221,5 +221,5 @@ def apply(source: BinaryIO, base: Base, output: Path, flatten: bool = False,
             finally:
                 child.unlink(missing_ok=True)
     if vmem is not None:
-        vmem = Vmem(memory_out, vmem.machine, vmem.state_size, vmem.digest)  # its final name
+        vmem = replace(vmem, path=memory_out)  # its final name
     return ApplyReport(str(output), manifest.virtual_size, flatten, report, vmem)

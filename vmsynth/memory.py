@@ -25,22 +25,10 @@ __all__ = ["MachineInfo", "Vmem", "VmemBuilder", "VmemImage", "check", "open_vme
 
 
 @dataclass(frozen=True)
-class Vmem:
-    """A .vmem file whose trailer and header were checked."""
+class Vmem(VmemHeader):
+    """A .vmem file whose trailer and header were checked: its header, bound to the file."""
 
     path: Path
-    machine: MachineInfo
-    state_size: int
-    digest: str  # "sha256:<hex>" of the contents (RAM, then device state)
-
-    @property
-    def ram_size(self) -> int:
-        return self.machine.ram_size
-
-    @property
-    def size(self) -> int:
-        """Bytes of contents: RAM then device state."""
-        return self.machine.ram_size + self.state_size
 
     @property
     def header(self) -> VmemHeader:
@@ -72,7 +60,7 @@ def read_vmem(path: Path) -> Vmem:
     except CorruptError as err:
         raise DamagedSnapshotError(str(err), hint="take the snapshot again, or rebuild it "
                                                   "from its overlay") from None
-    return Vmem(Path(path), head.machine, head.state_size, head.digest)
+    return Vmem(head.machine, head.state_size, head.digest, Path(path))
 
 
 class VmemImage:

@@ -198,19 +198,23 @@ async def upload(request: web.Request) -> web.Response:
     return web.json_response(s.to_json(_our_address(request)))
 
 
-async def state(request: web.Request) -> web.Response:
+def _live(request: web.Request) -> Session | dict[str, Any]:
+    """The session in the path, or the final state of one that has ended."""
     try:
-        s = _session(request)
+        return _session(request)
     except _Ended as ended:
-        return web.json_response(ended.extra["session"])
-    return web.json_response(s.to_json(_our_address(request)))
+        return ended.extra["session"]
+
+
+async def state(request: web.Request) -> web.Response:
+    s = _live(request)
+    return web.json_response(s if isinstance(s, dict) else s.to_json(_our_address(request)))
 
 
 async def end(request: web.Request) -> web.Response:
-    try:
-        s = _session(request)
-    except _Ended as ended:
-        return web.json_response(ended.extra["session"])
+    s = _live(request)
+    if isinstance(s, dict):
+        return web.json_response(s)
     await request.app[CLOUDLET].end(s, "ended by its user" if _bearer(request) == s.token
                                     else "ended by the operator")
     return web.json_response(s.to_json())
