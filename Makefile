@@ -13,7 +13,7 @@ VMSYNTH := $(VENV)/bin/vmsynth
 BUILD := .build
 APT_PACKAGES := qemu-utils qemu-system-x86 busybox-static e2fsprogs fuse3 cpio xz-utils zstd \
 	xdelta3 linux-image-amd64 libguestfs-tools python3-guestfs python3-venv python3-pip \
-	iproute2 avahi-daemon avahi-utils dbus
+	iproute2 avahi-daemon avahi-utils dbus docker-registry apache2-utils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 DEMO := $(BUILD)/demo
