@@ -37,7 +37,7 @@ $(BUILD)/apt.stamp: Makefile
 
 # The folders too: the strict editable install lists every module, so a module added or
 # removed (a directory's mtime changes) needs the install again.
-$(VENV)/.installed: pyproject.toml $(BUILD)/apt.stamp vmsynth cli formats
+$(VENV)/.installed: pyproject.toml $(BUILD)/apt.stamp vmsynth vmsynth/service cli formats
 	@[ -x $(VENV)/bin/python ] || $(PYTHON_SYS) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]' --config-settings editable_mode=strict

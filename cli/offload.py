@@ -156,6 +156,14 @@ async def _offload_anywhere(plan: Plan, key: Any, memory: str | None, cpus: int 
                           hint="run it locally (degraded mode), or give --fallback URL")
 
 
+def _fetching(error: dict[str, Any], as_json: bool) -> None:
+    """The cloudlet lacks the base and fetches it from its registry: it says so."""
+    _event(as_json, "fetching", error["fetching"] | {"retry_after": error.get("retry_after")})
+    if not as_json:
+        console.err.print(f"{error.get('message')}; asking again in "
+                          f"{error.get('retry_after')} s")
+
+
 def _event(as_json: bool, event: str, data: dict[str, Any]) -> None:
     if as_json:
         console.emit_json({"event": event} | data)
@@ -171,7 +179,7 @@ async def _offload(client: Client, source: Any, key: Any, memory: str | None,
                                              int(info.get("max_overlay", 250 << 20)), key,
                                              memory, cpus, forwards)
         negotiated = time.monotonic()
-        session = await client.negotiate(body)
+        session = await client.negotiate(body, lambda e: _fetching(e, as_json))
         timeline: dict[str, float] = {"negotiate": time.monotonic() - negotiated}
         _event(as_json, "negotiated", {"session": session["id"], "base": session["base"]})
         ws = None
