@@ -973,6 +973,9 @@ def test_sync_keeps_a_version_in_use_and_removes_it_later(h, homes, registry, ve
     assert r.code == 0 and r.json()["removed"] == ["tiny@1"], r.err
     assert [e["version"] for e in homes.entries("site")] == ["2"]
     assert sorted(p.name for p in (homes.home("site") / "images").iterdir()) == ["tiny@2"]
+    # A pulled base's files belong to the cache: `base rm` takes them too.
+    assert homes("site", "base", "rm", "tiny@2").code == 0
+    assert list((homes.home("site") / "images").iterdir()) == []
 
 
 def test_an_interrupted_or_killed_pull_leaves_nothing(h, homes, registry, proxy, versions,
@@ -1044,6 +1047,50 @@ def test_a_base_whose_files_are_not_its_identity_is_not_installed(h, homes, regi
     assert r.json()["error"]["kind"] == "digest_mismatch"
     assert homes.entries("site") == []
     assert list((homes.home("site") / "images").iterdir()) == []
+
+
+def test_a_base_with_a_memory_snapshot_travels_and_its_delta_carries_memory(
+        h, homes, registry, tmp_path):
+    """A base with a ready-state memory snapshot (synthetic, written by the same writer
+    `vmsynth snapshot` uses): pushed with its .vmem, pulled with the snapshot's digest
+    checked, and the next version's delta rebuilds disk and memory both."""
+    from vmsynth import memory
+
+    machine = memory.MachineInfo("pc-i440fx-7.2", "qemu64", 2 * MIB, "7.2.22", 1, False, True,
+                                 (), "tcg")
+    ram1 = b"".join(h.text_block(f"page {i}") for i in range(512))
+    ram2 = bytearray(ram1)
+    ram2[MIB: MIB + 64 * 4096] = h.det_bytes("ram v2", 64 * 4096)
+    images = {}
+    for version, ram, extra in (("1", ram1, b""), ("2", bytes(ram2), b"v2")):
+        raw = tmp_path / f"ram{version}.raw"
+        raw.write_bytes(ram)
+        vmem = tmp_path / f"mem{version}.vmem"
+        memory.write_vmem(vmem, raw, machine, b"device state " + extra)
+        data = b"".join(h.text_block(f"disk {i} {extra!r}") for i in range(128))
+        disk = h.write_image(tmp_path / f"disk{version}.qcow2", data)
+        images[version] = (disk, vmem)
+        r = homes("publisher", "base", "add", disk, "--memory", vmem, "--name", "warm",
+                  "--version", version)
+        assert r.code == 0, r.err
+        r = homes("publisher", "base", "push", f"warm@{version}", registry.ref("bases/warm"),
+                  "--plain-http", "--json")
+        assert r.code == 0, r.err
+        pushed = r.json()
+        assert [layer["file"] for layer in pushed["layers"]] == ["disk.qcow2", "memory.vmem"]
+    assert pushed["delta"]["from"] == "warm@1" and pushed["delta"]["memory"] is True
+    r = homes("site", "base", "pull", registry.ref("bases/warm:1"), "--plain-http", "--json")
+    assert r.code == 0 and r.json()["method"] == "full", r.err
+    r = homes("site", "base", "sync", registry.ref("bases/warm"), "--plain-http", "--json")
+    assert r.code == 0, r.err
+    assert [(b["base"], b["action"], b.get("method")) for b in r.json()["bases"]] == \
+        [("warm@1", "present", None), ("warm@2", "installed", "delta")]
+    published = {e["version"]: e for e in homes.entries("publisher")}
+    for e in homes.entries("site"):
+        assert e["memory"]["digest"] == published[e["version"]]["memory"]["digest"]
+        assert e["digest"] == published[e["version"]]["digest"]
+        vmem = images[e["version"]][1]
+        assert Path(e["memory"]["path"]).read_bytes() == vmem.read_bytes()
 
 
 @pytest.mark.vm

@@ -217,8 +217,11 @@ def credentials(host: str, access: Access) -> Credentials | None:
     if not isinstance(config, dict):
         return None
     auths = config.get("auths")
+    # Docker Hub's registry is registry-1.docker.io; `docker login` files it as index.docker.io.
+    names = {host, "index.docker.io"} if host in ("registry-1.docker.io", "docker.io") \
+        else {host}
     for key, entry in (auths.items() if isinstance(auths, dict) else ()):
-        if _host_of(key) != host or not isinstance(entry, dict):
+        if _host_of(key) not in names or not isinstance(entry, dict):
             continue
         if isinstance(entry.get("auth"), str) and entry["auth"]:
             try:
