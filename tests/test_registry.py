@@ -240,13 +240,10 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "HEAD":
                 return
             blob = "/blobs/sha256:" in self.path and answer.status in (200, 206)
-            with p.lock:
-                cut = p.cut_after if blob and p.cuts > 0 and p.cut_after is not None else None
-                if cut is not None:
-                    p.cuts -= 1
+            cut = p.cut_after if blob else None
             sent = 0
             while chunk := answer.read(64 << 10):
-                if cut is not None and sent + len(chunk) > cut:
+                if cut is not None and sent + len(chunk) > cut and self._take_cut(p):
                     self.wfile.write(chunk[: cut - sent])
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)  # the link drops
@@ -259,6 +256,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the client went away
         finally:
             upstream.close()
+
+    @staticmethod
+    def _take_cut(p: Proxy) -> bool:
+        """Whether this transfer is one of the `cuts` to drop (counted when it happens)."""
+        with p.lock:
+            if p.cuts <= 0:
+                return False
+            p.cuts -= 1
+            return True
 
     do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
 
@@ -1018,6 +1024,38 @@ def test_an_interrupted_or_killed_pull_leaves_nothing(h, homes, registry, proxy,
     assert [e["version"] for e in homes.entries("site")] == ["1"]
 
 
+def test_a_base_pull_resumes_a_dropped_link_and_refuses_a_damaged_blob(h, homes, registry,
+                                                                       proxy, tmp_path):
+    """A base of its own (no other test shares its blobs): a pull through a link that drops
+    twice is resumed and installs the base; once its disk blob rots in the registry, a pull
+    refuses it (31) and the cache stays as it was."""
+    data = b"".join(h.text_block(f"own base {i}") for i in range(64)) + \
+        h.det_bytes("own base", 3 * MIB)
+    disk = h.write_image(tmp_path / "own.qcow2", data)
+    assert homes("publisher", "base", "add", disk, "--name", "own", "--version",
+                 "1").code == 0
+    r = homes("publisher", "base", "push", "own@1", registry.ref("bases/own"), "--plain-http",
+              "--json")
+    assert r.code == 0, r.err
+    [layer] = r.json()["layers"]
+    proxy.cut_after, proxy.cuts = 1_000_000, 2
+    r = homes("site", "base", "pull", proxy.ref("bases/own:1"), "--plain-http", "--json")
+    assert r.code == 0, r.err
+    ranges = [rng for _, path, rng in proxy.requests if layer["digest"] in path and rng]
+    assert ranges == ["bytes=1000000-", "bytes=2000000-"], proxy.requests
+    [entry] = homes.entries("site")
+    assert entry["digest"] == _identity(disk).digest
+    blob = registry.blob_file(layer["digest"])
+    rotten = bytearray(blob.read_bytes())
+    rotten[-100] ^= 1
+    blob.write_bytes(bytes(rotten))
+    r = homes("site2", "base", "pull", registry.ref("bases/own:1"), "--plain-http", "--json")
+    assert r.code == ExitCode.DIGEST_MISMATCH, r.err
+    assert r.json()["error"]["kind"] == "digest_mismatch"
+    assert homes.entries("site2") == []
+    assert list((homes.home("site2") / "images").iterdir()) == []
+
+
 def test_a_base_whose_files_are_not_its_identity_is_not_installed(h, homes, registry,
                                                                   versions, guest):
     """A base published with a config that states other contents than its disk holds (a
@@ -1105,6 +1143,8 @@ def test_serve_fetches_a_base_a_client_asks_for(h, homes, registry, versions, gu
          ready="VMSYNTH-READY")
     assert homes("publisher", "base", "push", "counting@1", registry.ref(repo),
                  "--plain-http").code == 0
+    assert homes("publisher", "push", versions.overlay, registry.ref("apps/served:1"),
+                 "--plain-http").code == 0  # offloaded straight from the registry
     d = Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp"))  # short: QMP socket paths
     env = os.environ | {"VMSYNTH_HOME": str(d / "cloudlet"), "TMPDIR": str(d)}
     log = open(d / "serve.log", "w")  # noqa: SIM115 (the service's lifetime)
@@ -1119,8 +1159,9 @@ def test_serve_fetches_a_base_a_client_asks_for(h, homes, registry, versions, gu
         event = _next_json(serve.stdout)
         assert event["event"] == "serving" and event["bases"] == [], event
         offload = subprocess.Popen(
-            [str(h.VMSYNTH), "offload", versions.overlay, "--cloudlet", event["url"],
-             "--json"], env=os.environ | {"TMPDIR": str(d)}, stdout=subprocess.PIPE,
+            [str(h.VMSYNTH), "offload", registry.ref("apps/served:1"), "--plain-http",
+             "--cloudlet", event["url"], "--json"],
+            env=os.environ | {"TMPDIR": str(d)}, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, start_new_session=True)
         seen: list[dict] = []
         assert offload.stdout is not None
