@@ -400,8 +400,10 @@ class Client:
         except urllib.error.HTTPError as err:
             return Response(err.code, err.headers, err)
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
-            raise RegistryError(f"{self.name()}: cannot reach the registry ({_reason(err)})",
-                                hint=self._reach_hint(err)) from None
+            unreachable = RegistryError(f"{self.name()}: cannot reach the registry "
+                                        f"({_reason(err)})", hint=self._reach_hint(err))
+            unreachable.retryable = True  # type: ignore[attr-defined]  (a transfer may resume)
+            raise unreachable from None
 
     def _reach_hint(self, err: BaseException) -> str:
         text = str(err)
@@ -787,28 +789,36 @@ class BlobReader:
             return b""
         want = min(want, n if n and n > 0 else CHUNK)
         failures = 0
+        why = "the connection closed early"
         while True:
             if self.client.cancel is not None and self.client.cancel.is_set():
                 raise RegistryError(f"{self.name}: the transfer was cancelled")
             began = time.monotonic()
-            why = None
-            try:
-                assert self._response is not None
-                data = self._response.body.read1(want)
-                if not data:
-                    why = "the connection closed early"
-            except (OSError, http.client.HTTPException) as err:
-                data, why = b"", _reason(err)
+            data = b""
+            if self._response is not None:
+                try:
+                    data = self._response.body.read1(want)
+                    if not data:
+                        why = "the connection closed early"
+                except (OSError, http.client.HTTPException) as err:
+                    why = _reason(err)
             self._pace.update(len(data), time.monotonic() - began)
             if data:
                 break
             failures += 1
             if failures > RESUMES:
                 raise self._broken(f"{why}; {RESUMES} attempts to resume brought nothing")
-            self._response.close()
+            if self._response is not None:
+                self._response.close()
+                self._response = None
             time.sleep(min(0.25 * 2 ** failures, 4.0))
             self.resumes += 1
-            self._open()
+            try:
+                self._open()
+            except RegistryError as err:
+                if not getattr(err, "retryable", False):
+                    raise  # an answer, not a broken link: a byte range ignored, a 404...
+                why = str(err)
         self.received += len(data)
         self.client.received += len(data)
         self._sha.update(data)
