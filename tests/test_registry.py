@@ -50,6 +50,9 @@ MARKER = "customized by vmsynth fixtures"
 HANG = 240  # hang guards only, never a measure
 MIB = 1 << 20
 
+# External tools (docker-registry, qemu-img): not for `make test-fast`.
+pytestmark = pytest.mark.qemu_img
+
 
 def _need_registry() -> None:
     if not Path(REGISTRY_BIN).exists():
