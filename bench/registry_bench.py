@@ -26,8 +26,8 @@ deb.debian.org) and its version 2, built here once (cached in WORKDIR). --fixtur
 tiny fixture guest instead (fixtures/build-guest.sh; version 2 adds 2 MiB of new data): a
 quick check that needs neither root nor the network.
 
-Writes bench/results-registry.json and bench/REGISTRY.md (--fixture: results-registry-
-fixture.json and REGISTRY-fixture.md). The registry is stopped whatever happens.
+Writes bench/results-registry.json and bench/REGISTRY.md (--fixture: the same names in
+WORKDIR/fixture/). The registry is stopped whatever happens.
 """
 
 from __future__ import annotations
@@ -396,11 +396,11 @@ def main() -> int:
                "load": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                "workload": wl, "rows": rows,
                "seconds": round(time.monotonic() - started, 1)}
-    suffix = "-fixture" if args.fixture else ""
-    (SCRIPT.parent / f"results-registry{suffix}.json").write_text(
-        json.dumps(results, indent=2) + "\n")
-    (SCRIPT.parent / f"REGISTRY{suffix}.md").write_text(report(results))
-    log(f"wrote bench/REGISTRY{suffix}.md in {results['seconds']:.0f} s")
+    # A --fixture run is a check, not the benchmark: its outputs stay in the work directory.
+    out = work if args.fixture else SCRIPT.parent
+    (out / "results-registry.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "REGISTRY.md").write_text(report(results))
+    log(f"wrote {out / 'REGISTRY.md'} in {results['seconds']:.0f} s")
     return 0
 
 
