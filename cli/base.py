@@ -153,7 +153,7 @@ Examples:
 
 """ + _REGISTRY_CODES)
 @click.argument("spec", metavar="NAME@VERSION")
-@click.argument("reference", metavar="oci://HOST[:PORT]/REPOSITORY[:TAG]")
+@click.argument("reference", metavar="oci://HOST/REPOSITORY[:TAG]")
 @click.option("--no-delta", is_flag=True,
               help="Do not publish the overlay on the repository's previous version.")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True,
@@ -200,7 +200,7 @@ Examples:
   vmsynth base pull oci://127.0.0.1:5000/bases/tiny:1 --plain-http --json
 
 """ + _REGISTRY_CODES)
-@click.argument("reference", metavar="oci://HOST[:PORT]/REPOSITORY:TAG")
+@click.argument("reference", metavar="oci://HOST/REPOSITORY:TAG")
 @click.option("--no-delta", is_flag=True,
               help="Fetch the base in full even when a delta from a cached version exists.")
 @transfer_options
@@ -241,7 +241,7 @@ Examples:
   systemctl enable --now vmsynth-sync.timer   # off-peak, see the README
 
 """ + _REGISTRY_CODES)
-@click.argument("reference", metavar="oci://HOST[:PORT]/REPOSITORY")
+@click.argument("reference", metavar="oci://HOST/REPOSITORY")
 @click.option("--keep", type=click.IntRange(1), metavar="N",
               help="Keep the newest N versions of each base: fetch only those, and remove "
                    "pulled versions beyond them that no session uses [default: fetch all, "

@@ -25,7 +25,7 @@ Examples:
 Exit codes: 0 ok, 17 cannot write output, 28 not found in the registry, 29
 unauthorized by the registry, 30 not a vmsynth overlay, 31 digest mismatch,
 32 registry unreachable, 2 usage error.""")
-@click.argument("reference", metavar="oci://HOST[:PORT]/REPOSITORY:TAG")
+@click.argument("reference", metavar="oci://HOST/REPOSITORY:TAG")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the overlay.")
 @transfer_options

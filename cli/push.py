@@ -24,7 +24,7 @@ Examples:
 Exit codes: 0 ok, 13 corrupt overlay, 16 missing file, 29 unauthorized by the
 registry, 31 digest mismatch, 32 registry unreachable, 2 usage error.""")
 @click.argument("overlay", type=click.Path(dir_okay=False))
-@click.argument("reference", metavar="oci://HOST[:PORT]/REPOSITORY:TAG")
+@click.argument("reference", metavar="oci://HOST/REPOSITORY:TAG")
 @registry_options
 @json_option
 def command(overlay: str, reference: str, as_json: bool, **opts: Any) -> None:

@@ -102,7 +102,7 @@ Examples:
                                       "within about 1.5 times this.")
 @click.option("--no-advertise", is_flag=True,
               help="Do not announce the cloudlet by mDNS (_cloudlet._tcp) on the network.")
-@click.option("--registry", metavar="oci://HOST[:PORT]/REPOSITORY",
+@click.option("--registry", metavar="oci://HOST/REPOSITORY",
               help="Fetch a base a client asks for and this cloudlet lacks from this "
                    "repository (as `vmsynth base pull`); the client is told to wait.")
 @registry_options

@@ -555,10 +555,23 @@ def test_references(spec, need, ok):
     assert str(ref) == spec
 
 
+def test_reference_mistakes_are_told_in_words(cli, tmp_path):
+    """One line that says what to write (every message passes the URL redactor: a pattern
+    like HOST[:PORT] in it would come out as "a malformed URL")."""
+    for argv, words in ((["pull"], "Missing argument 'oci://HOST/REPOSITORY:TAG'"),
+                        (["push", tmp_path / "x.vmo", "oci://h/a"], "write oci://HOST/"),
+                        (["base", "sync", "oci://h/a:1"], "without a tag"),
+                        (["pull", "oci://h/A:1", "-o", tmp_path / "x"], "not a repository")):
+        r = cli(*argv)
+        assert r.code == ExitCode.USAGE, (argv, r.err)
+        assert words in r.err and "malformed" not in r.err and r.err.count("\n") == 1, r.err
+
+
 def test_versions_sort_naturally():
-    versions = ["12.10", "2", "12.9", "12.9.1", "1.0rc1", "1.0", "10"]
-    assert sorted(versions, key=version_key) == ["1.0", "1.0rc1", "2", "10", "12.9",
-                                                 "12.9.1", "12.10"]
+    """Which versions `base sync --keep N` keeps, and which one a delta starts from."""
+    versions = ["12.10", "2", "12.9", "12.9.1", "1.0", "10", "2024.01.15", "2023.12.31"]
+    assert sorted(versions, key=version_key) == ["1.0", "2", "10", "12.9", "12.9.1", "12.10",
+                                                 "2023.12.31", "2024.01.15"]
 
 
 # ------------------------------------------------------------------------------ auth

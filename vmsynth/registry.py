@@ -89,7 +89,7 @@ class Reference:
         shown = redact(spec)
         if not spec.startswith(SCHEME):
             raise UsageError(f"{shown}: not a registry reference",
-                             hint="write oci://HOST[:PORT]/REPOSITORY:TAG")
+                             hint="write oci://HOST/REPOSITORY:TAG")
         rest = spec[len(SCHEME):]
         host, slash, path = rest.partition("/")
         if "@" in host:
@@ -98,7 +98,7 @@ class Reference:
                                   "give --registry-token-file")
         if not slash or not _HOST.fullmatch(host):
             raise UsageError(f"{shown}: no registry host and repository",
-                             hint="write oci://HOST[:PORT]/REPOSITORY:TAG")
+                             hint="write oci://HOST/REPOSITORY:TAG")
         path, _, digest = path.partition("@")
         repo, tag = path, None
         last = path.rfind("/")
@@ -116,16 +116,16 @@ class Reference:
         ref = cls(host, repo, tag, digest or None)
         if need == "" and (ref.tag or ref.digest):
             raise UsageError(f"{shown}: give a repository, without a tag or digest",
-                             hint="write oci://HOST[:PORT]/REPOSITORY")
+                             hint="write oci://HOST/REPOSITORY")
         if need == "tag" and not ref.tag:
             raise UsageError(f"{shown}: give a tag to push to",
-                             hint="write oci://HOST[:PORT]/REPOSITORY:TAG")
+                             hint="write oci://HOST/REPOSITORY:TAG")
         if need == "repository or tag" and ref.digest:
             raise UsageError(f"{shown}: give a repository or a tag to push to, not a digest",
-                             hint="write oci://HOST[:PORT]/REPOSITORY[:TAG]")
+                             hint="write oci://HOST/REPOSITORY[:TAG]")
         if need == "tag or digest" and not (ref.tag or ref.digest):
             raise UsageError(f"{shown}: give a tag or a digest",
-                             hint="write oci://HOST[:PORT]/REPOSITORY:TAG or ...@sha256:...")
+                             hint="write oci://HOST/REPOSITORY:TAG or ...@sha256:...")
         return ref
 
     @property
