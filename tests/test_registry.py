@@ -1148,7 +1148,7 @@ def test_a_base_with_a_memory_snapshot_travels_and_its_delta_carries_memory(
 
 
 @pytest.mark.vm
-def test_serve_fetches_a_base_a_client_asks_for(h, homes, registry, versions, guest,
+def test_serve_fetches_a_base_a_client_asks_for(h, homes, registry, versions, guest, pair,
                                                  tmp_path):
     """`serve --registry`: a cloudlet without the overlay's base answers "fetching" (202,
     Retry-After) instead of refusing, installs the base from the registry, and the client,
@@ -1194,6 +1194,14 @@ def test_serve_fetches_a_base_a_client_asks_for(h, homes, registry, versions, gu
                                 env=os.environ | env_home, capture_output=True, text=True,
                                 check=True)
         assert [e["name"] for e in json.loads(listed.stdout)] == ["counting"]
+        # A base the registry does not publish: told so after the lookup (exit 10).
+        foreign = subprocess.run(
+            [str(h.VMSYNTH), "offload", pair.overlay, "--cloudlet", event["url"], "--json"],
+            env=os.environ | {"TMPDIR": str(d)}, capture_output=True, text=True, timeout=HANG,
+            check=False)
+        assert foreign.returncode == ExitCode.BASE_MISMATCH, foreign.stderr
+        assert "does not publish it" in foreign.stderr, foreign.stderr
+        assert foreign.stderr.count("\n") == 1
     finally:
         for p in (offload, serve):
             if p is not None and p.poll() is None:

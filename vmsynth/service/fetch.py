@@ -26,6 +26,7 @@ log = logging.getLogger("vmsynth.service")
 
 RETRY_AFTER = 3  # seconds a client waits before it asks again
 FORGET = 300.0  # a failed fetch is tried again after this long
+AT_ONCE = 2  # fetches in flight: clients asking for many bases cannot flood the registry
 
 
 @dataclass
@@ -51,11 +52,19 @@ class Fetcher:
 
         Raises:
             Refusal: 202 while the base is being fetched; 404 when the registry does not
-                publish it or fetching it failed (for FORGET seconds, then it is tried again).
+                publish it or fetching it failed (for FORGET seconds, then it is tried again);
+                503 when AT_ONCE other bases are being fetched.
         """
         key = (want.digest, want.virtual_size, want.memory_digest)
+        now = time.monotonic()
+        self.jobs = {k: j for k, j in self.jobs.items()
+                     if k == key or not j.done or now - j.ended <= FORGET}
         job = self.jobs.get(key)
-        if job is None or (job.error is not None and time.monotonic() - job.ended > FORGET):
+        if job is None or (job.error is not None and now - job.ended > FORGET):
+            if sum(not j.done for j in self.jobs.values()) >= AT_ONCE:
+                raise Refusal(503, ExitCode.FULL, "the cloudlet is already fetching "
+                              f"{AT_ONCE} bases from its registry",
+                              "try again after the Retry-After", retry_after=30)
             job = _Job()
             job.task = asyncio.get_running_loop().create_task(self._fetch(job, want))
             self.jobs[key] = job
