@@ -13,7 +13,7 @@ VMSYNTH := $(VENV)/bin/vmsynth
 BUILD := .build
 APT_PACKAGES := qemu-utils qemu-system-x86 busybox-static e2fsprogs fuse3 cpio xz-utils zstd \
 	xdelta3 linux-image-amd64 libguestfs-tools python3-guestfs python3-venv python3-pip \
-	iproute2 avahi-daemon avahi-utils dbus
+	iproute2 avahi-daemon avahi-utils dbus docker-registry apache2-utils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 DEMO := $(BUILD)/demo
@@ -24,6 +24,8 @@ DEMO_HOME := $(DEMO)/home
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
 
+# docker-registry is for the tests, which start their own on 127.0.0.1: the service the
+# package starts (on all interfaces) is stopped and disabled right after we install it.
 $(BUILD)/apt.stamp: Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
@@ -31,13 +33,21 @@ $(BUILD)/apt.stamp: Makefile
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
 		$(SUDO) apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing || exit 1; \
+		case " $$missing " in *" docker-registry "*) \
+			if [ -d /run/systemd/system ]; then \
+				$(SUDO) systemctl disable --now docker-registry.service >/dev/null 2>&1 || true; \
+			else \
+				$(SUDO) service docker-registry stop >/dev/null 2>&1 || true; \
+				$(SUDO) update-rc.d docker-registry disable >/dev/null 2>&1 || true; \
+			fi ;; \
+		esac; \
 	fi
 	@mkdir -p $(BUILD) && touch $@
 
 # The folders too: the strict editable install lists every module, so a module added or
 # removed (a directory's mtime changes) needs the install again.
-$(VENV)/.installed: pyproject.toml $(BUILD)/apt.stamp vmsynth cli formats
+$(VENV)/.installed: pyproject.toml $(BUILD)/apt.stamp vmsynth vmsynth/service cli formats
 	@[ -x $(VENV)/bin/python ] || $(PYTHON_SYS) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]' --config-settings editable_mode=strict
@@ -79,8 +89,8 @@ fuzz: setup  ## long mutation fuzzing: FUZZ examples per mutation family (defaul
 
 # BENCH picks the benchmarks (all by default, ~2-3 h as root); each writes its JSON and
 # report under bench/, then bench/report.py assembles BENCHMARKS.md.
-BENCH ?= disk debian memory e2e cloudlet arrive
-bench: setup  ## benchmarks (BENCH="disk debian memory e2e cloudlet arrive"); BENCHMARKS.md
+BENCH ?= disk debian memory e2e cloudlet arrive registry
+bench: setup  ## benchmarks (BENCH="disk debian memory e2e cloudlet arrive registry"); BENCHMARKS.md
 	@set -e; for b in $(BENCH); do case $$b in \
 		disk) $(PY) bench/disk_bench.py ;; \
 		debian) $(PY) bench/disk_bench.py --workload debian ;; \
@@ -88,7 +98,8 @@ bench: setup  ## benchmarks (BENCH="disk debian memory e2e cloudlet arrive"); BE
 		e2e) $(PY) bench/e2e_bench.py --debian ;; \
 		cloudlet) $(PY) bench/cloudlet_bench.py --debian ;; \
 		arrive) $(PY) bench/cloudlet_bench.py --arrive ;; \
-		*) echo "unknown benchmark $$b (disk, debian, memory, e2e, cloudlet, arrive)"; exit 2 ;; \
+		registry) $(PY) bench/registry_bench.py ;; \
+		*) echo "unknown benchmark $$b (disk, debian, memory, e2e, cloudlet, arrive, registry)"; exit 2 ;; \
 	esac; done
 	$(PY) bench/report.py
 

@@ -21,6 +21,8 @@ SECTIONS = [
     ("E2E.md", "End to end: user arrives, app running", "e2e_bench.py"),
     ("CLOUDLET.md", "The cloudlet: the seed's timeline on `vmsynth serve`", "cloudlet_bench.py"),
     ("ARRIVE.md", "A user arrives: discovery to a running app", "cloudlet_bench.py --arrive"),
+    ("REGISTRY.md", "Registry: bases and overlays through an OCI registry",
+     "registry_bench.py"),
 ]
 
 

@@ -25,15 +25,17 @@ Exit codes: 0 ok, 1 internal error, 2 usage, 10 base mismatch, 11 over budget,
 unavailable, 19 image check failed, 20 key missing or wrong, 21 base busy,
 22 memory snapshot incompatible or not possible, 23 QEMU refused a command
 (QMP), 24 damaged memory snapshot, 25 cloudlet full, 26 unauthorized by the
-cloudlet, 27 cloudlet unreachable or session lost, 40 no cloudlet can serve
-(run locally), 129 hangup (SIGHUP), 130 interrupted (Ctrl-C), 143 terminated
-(SIGTERM)."""
+cloudlet, 27 cloudlet unreachable or session lost, 28 not found in the
+registry, 29 registry unauthorized, 30 not a vmsynth artifact (wrong artifact
+type), 31 digest mismatch from the registry, 32 registry unreachable or
+misbehaving, 40 no cloudlet can serve (run locally), 129 hangup (SIGHUP), 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
 
 
 # Command name -> module in vmsynth.cli (each defines `command`), in the order --help lists.
 COMMANDS = {name: name for name in (
-    "create", "apply", "verify", "inspect", "base", "keygen", "boot", "snapshot", "run",
-    "check", "serve", "discover", "decide", "offload", "sessions")}
+    "create", "apply", "verify", "inspect", "push", "pull", "base", "keygen", "boot",
+    "snapshot", "run", "check", "serve", "discover", "decide", "offload", "sessions")}
 
 
 class LazyGroup(click.Group):

@@ -22,6 +22,7 @@ from .options import (
     open_base,
     overlay_input,
     read_key,
+    registry_access,
     transfer_options,
 )
 
@@ -32,7 +33,8 @@ Examples:
   vmsynth apply app.vmo --base ubuntu-22.04@2.3.1 -o synth.qcow2 --flatten
   qemu-img compare app.qcow2 synth.qcow2      # identical contents
   vmsynth apply app.vmo --base debian@12 -o synth.qcow2    # with memory: also synth.vmem
-  vmsynth apply http://depot:8080/app.vmo --base debian@12 -o synth.qcow2""")
+  vmsynth apply http://depot:8080/app.vmo --base debian@12 -o synth.qcow2
+  vmsynth apply oci://registry.example.com/apps/app:1.0 --base debian@12 -o synth.qcow2""")
 @click.argument("overlay")
 @base_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -51,8 +53,8 @@ Examples:
 def command(overlay: str, base_spec: str, output: str, memory_output: str | None,
             flatten: bool, check_image: bool, key_file: str | None, as_json: bool,
             **transfer: object) -> None:
-    """Rebuild a disk from a base and an overlay (a file, - for standard input, or an
-    http(s) URL: rebuilding proceeds as the bytes arrive).
+    """Rebuild a disk from a base and an overlay (a file, - for standard input, an
+    http(s) URL or an oci:// registry reference: rebuilding proceeds as the bytes arrive).
 
     By default the result is a qcow2 child whose backing file is the base: the base is only
     read, never copied or changed. Every frame's digest and the rebuilt data's digest are
@@ -63,7 +65,7 @@ def command(overlay: str, base_spec: str, output: str, memory_output: str | None
     overlay_input(inputs, overlay)
     inputs.add("key file", key_file)
     with open_base(base_spec, as_json) as base, \
-            open_source(overlay, limits(transfer)) as source, \
+            open_source(overlay, limits(transfer), registry_access(transfer)) as source, \
             console.advancing("rebuilding", source.size, enabled=not as_json) as advance:
         report = apply(source, base, Path(output), flatten, advance, read_key(key_file),
                        Path(memory_output) if memory_output else None, inputs=inputs,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -15,7 +19,14 @@ from vmsynth.keys import Key
 from vmsynth.verify import describe
 
 from . import console
-from .options import json_option, key_file_option, open_base, read_key
+from .options import (
+    json_option,
+    key_file_option,
+    open_base,
+    read_key,
+    registry_access,
+    registry_options,
+)
 
 
 def _seconds(s: float) -> str:
@@ -26,8 +37,9 @@ def _seconds(s: float) -> str:
 Examples:
   vmsynth inspect app.vmo
   vmsynth inspect app.vmo --files --base ubuntu-22.04@2.3.1 --top 10
-  vmsynth inspect app.vmo --json | jq .sizes.overlay""")
-@click.argument("overlay", type=click.Path(dir_okay=False))
+  vmsynth inspect app.vmo --json | jq .sizes.overlay
+  vmsynth inspect oci://registry.example.com/apps/app:1.0""")
+@click.argument("overlay")
 @click.option("--files", is_flag=True,
               help="Also list the guest files the overlay changes, largest first (needs --base; "
                    "uses libguestfs).")
@@ -35,25 +47,29 @@ Examples:
 @click.option("--top", default=20, show_default=True, type=click.IntRange(1),
               help="How many files --files lists.")
 @key_file_option
+@registry_options
 @json_option
 def command(overlay: str, files: bool, base_spec: str | None, top: int, key_file: str | None,
-            as_json: bool) -> None:
+            as_json: bool, **opts: Any) -> None:
     """Show what an overlay holds: version, base, sizes, block kinds, transfer times.
 
     Reads only the header and the index at the end of the file (use `verify` to check
     every digest). With --files --base BASE it rebuilds the disk in a scratch directory
     and compares the guest's files with the base's, to show which files make it big.
+    An oci:// reference is pulled into a scratch file first (checked against its digest).
     """
-    if not Path(overlay).exists():
-        raise BadInputError(f"{overlay}: no such file")
     if files and not base_spec:
         raise click.UsageError("--files needs --base")
-    key = read_key(key_file)
-    info = describe(Path(overlay), key if key and (key.key_file or key.passphrase) else None)
-    if files:
-        assert base_spec is not None
-        info["files"] = [vars(f) for f in _changed_files(Path(overlay), base_spec, key,
-                                                         as_json)][:top]
+    access = registry_access(opts)
+    with _local(overlay, access, as_json) as (path, registry):
+        key = read_key(key_file)
+        info = describe(path, key if key and (key.key_file or key.passphrase) else None)
+        if registry:
+            info["registry"] = registry
+        if files:
+            assert base_spec is not None
+            info["files"] = [vars(f) for f in _changed_files(path, base_spec, key,
+                                                             as_json)][:top]
     if as_json:
         console.emit_json(info)
         return
@@ -105,6 +121,31 @@ def command(overlay: str, files: bool, base_spec: str | None, top: int, key_file
         for f in info["files"]:
             listing.add_row(f["path"], console.human(f["size"]), f["change"])
         console.out.print(listing)
+
+
+@contextlib.contextmanager
+def _local(overlay: str, access: Any, as_json: bool
+           ) -> Iterator[tuple[Path, dict[str, Any] | None]]:
+    """The overlay as a seekable file: itself, or a registry's pulled into scratch space."""
+    if not overlay.startswith("oci://"):
+        if Path(overlay).is_dir():
+            raise click.BadParameter(f"{overlay!r} is a directory", param_hint="OVERLAY")
+        if not Path(overlay).exists():
+            raise BadInputError(f"{overlay}: no such file")
+        yield Path(overlay), None
+        return
+    from vmsynth.registry import Reference
+    from vmsynth.registry_overlays import pull_overlay
+    from vmsynth.store import scratch_dir
+
+    scratch = scratch_dir("inspect")
+    try:
+        path = scratch / "overlay.vmo"
+        with console.advancing("pulling", 0, enabled=not as_json) as advance:
+            pulled = pull_overlay(Reference.parse(overlay), path, access, advance)
+        yield path, {k: pulled[k] for k in ("reference", "digest", "annotations")}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _changed_files(overlay: Path, base_spec: str, key: Key | None,

@@ -24,6 +24,7 @@ from vmsynth.decision import (
     ranked,
 )
 from vmsynth.errors import CloudletError, ExitCode, NoCloudletError, VmsynthError, exit_code
+from vmsynth.registry import Access
 from vmsynth.service.client import Client, Trust, hold, negotiation_body, stream
 from vmsynth.service.discovery import Found, confirm, discover
 from vmsynth.source import Limits, open_source
@@ -36,6 +37,7 @@ from .options import (
     key_file_option,
     limits,
     read_key,
+    registry_access,
     transfer_options,
     wanted_base,
 )
@@ -72,10 +74,11 @@ def command(overlay: str, url: str, token_file: str | None, fingerprint: str | N
             key_file: str | None, as_json: bool, **transfer: Any) -> None:
     """Run OVERLAY on a cloudlet: negotiate, stream it, get a running VM, keep it alive.
 
-    OVERLAY is a file, - (standard input) or an http(s) URL. `--cloudlet auto` finds the
-    cloudlets nearby by mDNS and takes the best that has the overlay's base and a free slot
-    (pinning the certificate fingerprint it advertises). The cloudlet synthesizes the VM
-    while the overlay arrives and resumes it (or boots it); this prints the timeline and
+    OVERLAY is a file, - (standard input), an http(s) URL or an oci:// registry
+    reference. `--cloudlet auto` finds the cloudlets nearby by mDNS and takes the best that
+    has the overlay's base and a free slot (pinning the certificate fingerprint it
+    advertises). The cloudlet synthesizes the VM while the overlay arrives and resumes it
+    (or boots it); this prints the timeline and
     how to reach the VM (VNC address and one-time password, forwarded ports), then holds
     the session with a heartbeat until Ctrl-C or SIGTERM, which end it: the answer comes
     once the cloudlet has stopped the VM and scrubbed its files.
@@ -84,8 +87,9 @@ def command(overlay: str, url: str, token_file: str | None, fingerprint: str | N
     order; after them, exit 40 says to run locally (degraded mode).
     """
     key = read_key(key_file)
+    transfer_limits = limits(transfer)
     plan = Plan(overlay, url, token_file, fingerprint, cacert, discover_timeout,
-                list(fallbacks), limits(transfer))
+                list(fallbacks), transfer_limits, registry_access(transfer, transfer_limits))
     asyncio.run(_offload_anywhere(plan, key, memory, cpus, list(forwards), as_json))
 
 
@@ -101,13 +105,14 @@ class Plan:
     discover_timeout: float
     fallbacks: list[str]
     limits: Limits
+    access: Access
 
     async def candidates(self, as_json: bool) -> tuple[list[tuple[str, Client]], str | None]:
         """(tier label, client) in order, and why no cloudlet was found (with auto)."""
         out: list[tuple[str, Client]] = []
         why = None
         if self.url == "auto":
-            want = await asyncio.to_thread(wanted_base, self.overlay)
+            want = await asyncio.to_thread(wanted_base, self.overlay, self.access)
             began = time.monotonic()
             found = await discover(self.discover_timeout, want)
             _event(as_json, "discovered", {"cloudlets": [f.to_json() for f in found],
@@ -192,7 +197,7 @@ async def _offload_anywhere(plan: Plan, key: Any, memory: str | None, cpus: int 
     reasons = [why] if why else []
     for i, (label, client) in enumerate(tiers):
         try:
-            with open_source(plan.overlay, plan.limits) as source:
+            with open_source(plan.overlay, plan.limits, plan.access) as source:
                 await _offload(client, source, key, memory, cpus, forwards, as_json, stop)
             return
         except VmsynthError as err:
@@ -206,6 +211,14 @@ async def _offload_anywhere(plan: Plan, key: Any, memory: str | None, cpus: int 
                 console.err.print(f"{label} cannot serve ({err}); trying {nxt}")
     raise NoCloudletError("no cloudlet can serve this overlay: " + "; ".join(reasons),
                           hint="run it locally (degraded mode), or give --fallback URL")
+
+
+def _fetching(error: dict[str, Any], as_json: bool) -> None:
+    """The cloudlet lacks the base and fetches it from its registry: it says so."""
+    _event(as_json, "fetching", error["fetching"] | {"retry_after": error.get("retry_after")})
+    if not as_json:
+        console.err.print(f"{error.get('message')}; asking again in "
+                          f"{error.get('retry_after')} s")
 
 
 def _event(as_json: bool, event: str, data: dict[str, Any]) -> None:
@@ -223,7 +236,7 @@ async def _offload(client: Client, source: Any, key: Any, memory: str | None,
                                              int(info.get("max_overlay", 250 << 20)), key,
                                              memory, cpus, forwards)
         negotiated = time.monotonic()
-        session = await client.negotiate(body)
+        session = await client.negotiate(body, lambda e: _fetching(e, as_json))
         timeline: dict[str, float] = {"negotiate": time.monotonic() - negotiated}
         _event(as_json, "negotiated", {"session": session["id"], "base": session["base"]})
         ws = None

@@ -23,6 +23,7 @@ from vmsynth.store import Inputs
 from . import console
 
 if TYPE_CHECKING:
+    from vmsynth.registry import Access
     from vmsynth.service.api import WantedBase
     from vmsynth.service.client import Client
 
@@ -86,7 +87,9 @@ def open_memory(path: str | None) -> Iterator[VmemImage | None]:
 
 
 def transfer_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """When a transfer from a URL counts as failed (as curl's options of the same names)."""
+    """When a transfer from a URL counts as failed (as curl's options of the same names),
+    and how to reach an oci:// registry."""
+    f = registry_options(f)
     for option in reversed([
         click.option("--speed-limit", type=console.SizeParam(), default="1K", show_default=True,
                      metavar="RATE",
@@ -103,6 +106,29 @@ def transfer_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def limits(opts: dict[str, Any]) -> Limits:
     return Limits(opts.pop("speed_limit"), opts.pop("speed_time"), opts.pop("max_time"))
+
+
+def registry_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """How to reach an oci:// registry (the flag names oras uses where it has one)."""
+    for option in reversed([
+        click.option("--plain-http", is_flag=True,
+                     help="Talk to an oci:// registry over plain HTTP (one without TLS)."),
+        click.option("--registry-token-file", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Credentials for an oci:// registry: USER:PASSWORD (or USER:TOKEN), "
+                          "or a bare bearer token [default: what `docker login` or `oras "
+                          "login` stored in ~/.docker/config.json]."),
+    ]):
+        f = option(f)
+    return f
+
+
+def registry_access(opts: dict[str, Any], limits: Limits | None = None) -> Access:
+    """The registry options of a command (removed from `opts`)."""
+    from vmsynth.registry import Access
+
+    token_file = opts.pop("registry_token_file", None)
+    return Access(bool(opts.pop("plain_http", False)),
+                  Path(token_file) if token_file else None, limits=limits or Limits())
 
 
 PASSPHRASE_ENV = "VMSYNTH_PASSPHRASE"
@@ -176,14 +202,14 @@ def cloudlet_client(url: str, token_file: str | None, fingerprint: str | None,
     return Client(url, token, Trust(fingerprint, cacert))
 
 
-def wanted_base(overlay: str) -> WantedBase:
-    """The base an overlay needs, from its header (a file or a URL)."""
+def wanted_base(overlay: str, access: Access | None = None) -> WantedBase:
+    """The base an overlay needs, from its header (a file, a URL, a registry)."""
     from vmsynth.formats.container import parse_header
 
     from vmsynth.service.api import WantedBase
     from vmsynth.source import open_source
 
-    with open_source(overlay) as source:
+    with open_source(overlay, access=access) as source:
         base = parse_header(source).manifest.get("base")  # type: ignore[arg-type]
     if not isinstance(base, dict):
         raise UsageError(f"{overlay}: the overlay's manifest names no base")

@@ -22,6 +22,7 @@ from .options import (
     open_base,
     overlay_input,
     read_key,
+    registry_access,
     transfer_options,
 )
 
@@ -30,7 +31,8 @@ from .options import (
 Examples:
   vmsynth run app.vmo --base ubuntu-22.04@2.3.1 --memory 2G
   vmsynth run app.vmo --base base.qcow2 --kernel vmlinux --initrd initrd.gz --keep
-  vmsynth run http://depot:8080/app.vmo --base debian@12""")
+  vmsynth run http://depot:8080/app.vmo --base debian@12
+  vmsynth run oci://registry.example.com/apps/app:1.0 --base debian@12""")
 @click.argument("overlay")
 @base_option
 @click.option("--keep", is_flag=True,
@@ -43,7 +45,8 @@ def command(overlay: str, base_spec: str, keep: bool, key_file: str | None, as_j
             **opts: Any) -> None:
     """Rebuild the VM from OVERLAY on a base, boot or resume it, and scrub it when it ends.
 
-    OVERLAY is a file, - (standard input) or an http(s) URL, rebuilt as it arrives.
+    OVERLAY is a file, - (standard input), an http(s) URL or an oci:// registry reference,
+    rebuilt as it arrives.
     An overlay with a memory snapshot is resumed where it was snapshotted (no boot); the
     disk and memory are rebuilt into a private session directory under $VMSYNTH_HOME/sessions;
     when the VM ends (or on Ctrl-C / SIGTERM / failure) its files are overwritten and
@@ -51,6 +54,7 @@ def command(overlay: str, base_spec: str, keep: bool, key_file: str | None, as_j
     """
     started = time.monotonic()
     transfer = limits(opts)
+    access = registry_access(opts)
     inputs = boot_inputs(opts)
     overlay_input(inputs, overlay)
     inputs.add("key file", key_file)
@@ -59,7 +63,8 @@ def command(overlay: str, base_spec: str, keep: bool, key_file: str | None, as_j
     try:
         with signals.deferred():  # a session exists only inside the try that removes it
             sess = session.new(keep=inputs)
-        with open_base(base_spec, as_json) as base, open_source(overlay, transfer) as source, \
+        with open_base(base_spec, as_json) as base, \
+                open_source(overlay, transfer, access) as source, \
                 console.advancing("rebuilding", source.size, enabled=not as_json) as advance:
             base_inputs(inputs, base)
             check_serial(inputs, opts)

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import socket
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -18,7 +19,7 @@ from vmsynth.service.http import serve
 from vmsynth.source import Limits, redact
 
 from . import console
-from .options import json_option, read_token
+from .options import json_option, read_token, registry_access, registry_options
 
 
 def _listen(text: str, option: str = "--listen") -> tuple[str, int]:
@@ -27,6 +28,17 @@ def _listen(text: str, option: str = "--listen") -> tuple[str, int]:
         raise click.BadParameter(f"{text!r}: give HOST:PORT, e.g. 0.0.0.0:8750",
                                  param_hint=option)
     return host.strip("[]"), int(port)
+
+
+def _registry(reference: str | None, opts: dict[str, Any]) -> tuple[str, Any] | None:
+    """--registry, checked now (not when the first client asks)."""
+    access = registry_access(opts)
+    if reference is None:
+        return None
+    from vmsynth.registry import Reference
+
+    Reference.parse(reference, need="")
+    return reference, access
 
 
 def _loopback(host: str) -> bool:
@@ -50,7 +62,8 @@ Examples:
   vmsynth serve                                    # this host only, 127.0.0.1:8750
   vmsynth serve --listen 0.0.0.0:8750 --token-file /etc/vmsynth/token --slots 8
   vmsynth serve --listen 192.168.1.10:8750 --tls-cert crt.pem --tls-key key.pem \\
-      --token-file token --grace 60 --max-overlay 250M""")
+      --token-file token --grace 60 --max-overlay 250M
+  vmsynth serve --registry oci://registry.example.com/bases/debian   # fetches missing bases""")
 @click.option("--listen", default="127.0.0.1:8750", show_default=True, metavar="HOST:PORT",
               help="Where to listen. Anything but loopback needs --token-file (or --open).")
 @click.option("--slots", type=click.IntRange(1, 1024),
@@ -92,12 +105,17 @@ Examples:
 @click.option("--advertise", "advertise_at", metavar="HOST:PORT",
               help="Announce this address instead of the one listened on (a cloudlet behind "
                    "a proxy or NAT).")
+@click.option("--registry", metavar="oci://HOST/REPOSITORY",
+              help="Fetch a base a client asks for and this cloudlet lacks from this "
+                   "repository (as `vmsynth base pull`); the client is told to wait.")
+@registry_options
 @json_option
 def command(listen: str, slots: int | None, grace: float, max_overlay: int,
             token_file: str | None, open_: bool, tls_cert: str | None, tls_key: str | None,
             no_tls: bool, no_cgroups: bool, memory: str, accel: str, negotiate_timeout: float,
             speed_limit: int, speed_time: float, heartbeat: float, no_advertise: bool,
-            advertise_at: str | None, as_json: bool) -> None:
+            advertise_at: str | None, registry: str | None, as_json: bool,
+            **opts: Any) -> None:
     """Run a cloudlet: serve the cached bases to users who bring overlays.
 
     A user's device negotiates a session for its overlay's base, streams the overlay (the
@@ -132,7 +150,8 @@ def command(listen: str, slots: int | None, grace: float, max_overlay: int,
                          confine=not no_cgroups, accel=accel, heartbeat=heartbeat,
                          negotiate_timeout=negotiate_timeout,
                          upload=Limits(speed_limit, speed_time),
-                         service_id=f"{socket.gethostname()}:{port}")
+                         service_id=f"{socket.gethostname()}:{port}",
+                         registry=_registry(registry, opts))
     handler = logging.StreamHandler()
     handler.addFilter(_Redacted())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

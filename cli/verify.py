@@ -16,6 +16,7 @@ from .options import (
     limits,
     open_base,
     read_key,
+    registry_access,
     transfer_options,
 )
 
@@ -24,11 +25,13 @@ from .options import (
 Examples:
   vmsynth verify app.vmo
   vmsynth verify app.vmo --base ubuntu-22.04@2.3.1 --max-size 250M --json
+  vmsynth verify oci://registry.example.com/apps/app:1.0 --max-size 250M
 
 \b
 Exit codes: 0 ok, 10 base mismatch, 11 over budget, 12 unsupported format
 version, 13 corrupt or truncated, 16 missing file, 20 key missing or
-wrong, 2 usage error.""")
+wrong, 2 usage error; from a registry: 28 not found, 29 unauthorized,
+30 not a vmsynth overlay, 31 digest mismatch, 32 registry unreachable.""")
 @click.argument("overlay")
 @click.option("--base", "base_spec", metavar="BASE",
               help="Also check the overlay fits this base and rebuilds to the recorded digest.")
@@ -45,7 +48,8 @@ def command(overlay: str, base_spec: str | None, max_size: int | None, key_file:
     """
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(open_base(base_spec, as_json)) if base_spec else None
-        source = stack.enter_context(open_source(overlay, limits(transfer)))
+        source = stack.enter_context(open_source(overlay, limits(transfer),
+                                                 registry_access(transfer)))
         advance = stack.enter_context(console.advancing("verifying", source.size,
                                                         not as_json))
         report = verify(source, base, max_size, advance, read_key(key_file))

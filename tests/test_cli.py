@@ -587,7 +587,8 @@ def test_base_add_twice_replaces_the_entry(cli, ctx):
 # ------------------------------------------------------------------------------ help
 
 COMMANDS = [[], ["create"], ["apply"], ["verify"], ["inspect"], ["base"], ["base", "add"],
-            ["base", "list"], ["base", "rm"]]
+            ["base", "list"], ["base", "rm"], ["push"], ["pull"], ["base", "push"],
+            ["base", "pull"], ["base", "sync"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "vmsynth")

@@ -11,13 +11,15 @@ digest and machine description are then part of the identity, and its pages are 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from .errors import (
     BaseMismatchError,
     BusyError,
     DamagedSnapshotError,
+    DigestMismatchError,
     UsageError,
     VmsynthError,
     WriteError,
@@ -343,21 +346,32 @@ def _lock(entry: Path, exclusive: bool, what: str) -> int:
 
 
 def add(path: Path, name: str, version: str, progress: Progress | None = None,
-        memory: Path | None = None, boot: BootConfig = BootConfig()) -> Base:
+        memory: Path | None = None, boot: BootConfig = BootConfig(),
+        expect: Identity | None = None, origin: dict[str, str] | None = None,
+        locked: bool = False) -> Base:
     """Record a base in the cache (the image stays where it is; the cache keeps its identity).
 
     `memory`: the base VM's memory snapshot in a ready state, which overlays with memory
     are diffed against. `boot`: how its VMs start (the kernel and initrd, like the image,
-    must not change afterwards).
+    must not change afterwards). `expect`: the identity the files must have (a base pulled
+    from a registry): no entry is written otherwise. `origin`: where a pulled base came
+    from, and the folder of its files (removed with the entry). `locked`: the caller holds
+    the entry's lock (`changing`).
+
+    Raises:
+        DigestMismatchError: the contents are not `expect`.
     """
     entry = _entry_file(name, version)
     boot = _absolute(boot)
     for what, file in (("kernel", boot.kernel), ("initrd", boot.initrd)):
         if file is not None and not file.is_file():
             raise BadInputError(f"{what} {file}: no such file")
-    lock = _lock(entry, exclusive=True, what="in use by another vmsynth process")
+    lock = None if locked else _lock(entry, exclusive=True,
+                                     what="in use by another vmsynth process")
     try:
         base = load_path(path, name, version, progress, memory)
+        if expect is not None:
+            _check_expected(base, expect)
         base.boot = boot
         _, stat = _stat_key(base.path)
         record = asdict(base.identity) | {"path": str(base.path), "stat": stat}
@@ -367,10 +381,59 @@ def add(path: Path, name: str, version: str, progress: Progress | None = None,
         record["boot"] = boot.to_json() | {
             f"{what}_stat": _stat_key(file)[1]
             for what, file in (("kernel", boot.kernel), ("initrd", boot.initrd)) if file}
+        if origin is not None:
+            record["origin"] = origin
         write_atomic(entry, json.dumps(record, indent=2).encode())
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
     return base
+
+
+def _check_expected(base: Base, want: Identity) -> None:
+    got = base.identity
+    mine = (got.memory.size, got.memory.digest) if got.memory else None
+    theirs = (want.memory.size, want.memory.digest) if want.memory else None
+    if (got.virtual_size, got.digest, mine) != (want.virtual_size, want.digest, theirs):
+        base.close()
+        raise DigestMismatchError(
+            f"base {want.label}: its files are not the base it was published as (contents "
+            f"{got.digest[:19]}..., published {want.digest[:19]}...)",
+            hint="nothing was added; the published base is damaged: push it again")
+
+
+@contextlib.contextmanager
+def changing(name: str, version: str) -> Iterator[Path]:
+    """Hold NAME@VERSION's entry locked (exclusive) while it is installed or removed;
+    yields the entry's path.
+
+    Raises:
+        BusyError: another vmsynth process uses or changes it.
+    """
+    entry = _entry_file(name, version)
+    lock = _lock(entry, exclusive=True, what="in use by another vmsynth process")
+    try:
+        yield entry
+    finally:
+        os.close(lock)
+
+
+def images() -> Path:
+    """Where bases pulled from a registry keep their files: one folder per NAME@VERSION."""
+    return cache_dir("images")
+
+
+def find(digest: str, virtual_size: int, memory_digest: str | None = None
+         ) -> dict[str, Any] | None:
+    """A cached base with this identity (and this memory snapshot, when given), if any."""
+    for e in entries():
+        mem = e.get("memory")
+        if "damaged" in e or (e.get("digest"), e.get("virtual_size")) != (digest, virtual_size):
+            continue
+        if memory_digest is None or (isinstance(mem, dict) and
+                                     mem.get("digest") == memory_digest):
+            return e
+    return None
 
 
 def _absolute(boot: BootConfig) -> BootConfig:
@@ -469,9 +532,27 @@ def remove(name: str, version: str) -> None:
                                 hint="`vmsynth base list` shows what is there")
     lock = _lock(entry, exclusive=True, what="in use by another vmsynth process; not removed")
     try:
-        entry.unlink(missing_ok=True)
+        _remove_locked(entry)
     finally:
         os.close(lock)
+
+
+def _remove_locked(entry: Path) -> None:
+    """Remove an entry (its lock held), and the files of a pulled base with it: those live
+    in the cache's images folder and belong to no one else."""
+    folder = None
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        origin = json.loads(entry.read_bytes()).get("origin")
+        folder = Path(origin["dir"]) if isinstance(origin, dict) else None
+    entry.unlink(missing_ok=True)
+    if folder is not None and folder.parent == home() / "images" and \
+            folder.name == entry.stem and not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_locked(name: str, version: str) -> None:
+    """`remove` for a caller that holds the entry's lock (`changing`)."""
+    _remove_locked(_entry_file(name, version))
 
 
 def resolve(spec: str, progress: Progress | None = None) -> Base:

@@ -36,6 +36,11 @@ class ExitCode(IntEnum):
     FULL = 25  # the cloudlet has no free slot (try again after its Retry-After)
     UNAUTHORIZED = 26  # the cloudlet refused the token (none, wrong, another session's)
     CLOUDLET = 27  # the cloudlet could not be reached or trusted, or lost the session
+    REGISTRY_NOT_FOUND = 28  # the registry has no such repository, tag or digest
+    REGISTRY_UNAUTHORIZED = 29  # the registry wants credentials, or refused the ones given
+    WRONG_ARTIFACT = 30  # the reference names something else than the vmsynth artifact asked
+    DIGEST_MISMATCH = 31  # what the registry sent does not match its digest, size or identity
+    REGISTRY_UNREACHABLE = 32  # the registry could not be reached, failed or broke the protocol
     NO_CLOUDLET = 40  # no cloudlet (nor fallback) can serve the overlay: run it locally
     HANGUP = 129  # SIGHUP (the terminal went away): stopped as carefully as by Ctrl-C
     INTERRUPTED = 130  # Ctrl-C (SIGINT)
@@ -149,6 +154,39 @@ class NoCloudletError(VmsynthError):
     device itself (degraded local mode)."""
 
     exit_code = ExitCode.NO_CLOUDLET
+
+
+class RegistryNotFoundError(VmsynthError):
+    """The registry has no such repository, tag or digest."""
+
+    exit_code = ExitCode.REGISTRY_NOT_FOUND
+
+
+class RegistryAuthError(VmsynthError):
+    """The registry wants credentials and has none, or refused the ones given."""
+
+    exit_code = ExitCode.REGISTRY_UNAUTHORIZED
+
+
+class WrongArtifactError(VmsynthError):
+    """A registry reference that names another kind of artifact (a container image, a base
+    where an overlay was asked for)."""
+
+    exit_code = ExitCode.WRONG_ARTIFACT
+
+
+class DigestMismatchError(VmsynthError):
+    """Bytes from a registry that are not what their descriptor names: another digest or
+    size, or a base whose contents are not the identity it was published with."""
+
+    exit_code = ExitCode.DIGEST_MISMATCH
+
+
+class RegistryError(VmsynthError):
+    """The registry cannot be reached or trusted, failed, or broke the protocol (a transfer
+    that cannot be resumed, a byte range ignored)."""
+
+    exit_code = ExitCode.REGISTRY_UNREACHABLE
 
 
 _CODEC = ((codec.CorruptError, ExitCode.CORRUPT), (codec.UnsupportedError, ExitCode.UNSUPPORTED),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import http.client
 import os
 import re
@@ -20,13 +21,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from .errors import BadInputError
 from .store import read_error
+
+if TYPE_CHECKING:
+    from .registry import Access
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ def redact(text: str) -> str:
 
 
 def is_url(spec: str) -> bool:
-    return spec.startswith(("http://", "https://"))
+    """An overlay that is not a file: an http(s) URL or an oci:// registry reference."""
+    return spec.startswith(("http://", "https://", "oci://"))
 
 
 def _reason(err: BaseException) -> str:
@@ -94,6 +99,30 @@ def _reason(err: BaseException) -> str:
 
 # -- URLs ------------------------------------------------------------------------------------
 
+class Pace:
+    """Gives up on a transfer slower than the limits: `broken(why)` is the error to raise.
+    Time spent processing is not counted, only time spent waiting for the network."""
+
+    def __init__(self, limits: Limits, broken: Callable[[str], Exception]) -> None:
+        self.limits, self.broken = limits, broken
+        self.started = time.monotonic()
+        self._waited = 0.0  # seconds spent waiting for data in this rate window ...
+        self._window = 0  # ... and the bytes that came meanwhile
+
+    def update(self, got: int, waited: float) -> None:
+        lim = self.limits
+        if lim.max_time is not None and time.monotonic() - self.started > lim.max_time:
+            raise self.broken(f"it took longer than the --max-time of {lim.max_time:g} s")
+        self._waited += waited
+        self._window += got
+        if self._waited >= lim.speed_time:
+            if self._window < lim.speed_limit * self._waited:
+                raise self.broken(f"{self._window:,} bytes came in the last "
+                                  f"{self._waited:.0f} s, below the minimum of "
+                                  f"{lim.speed_limit:,} bytes/s")
+            self._waited, self._window = 0.0, 0
+
+
 class Download:
     """An http(s) response read as it arrives.
 
@@ -105,9 +134,7 @@ class Download:
         self.name = redact_url(url)
         self.limits = limits
         self.received = 0
-        self.started = time.monotonic()
-        self._waited = 0.0  # seconds spent waiting for data in this rate window ...
-        self._window = 0  # ... and the bytes that came meanwhile
+        self._pace = Pace(limits, self._broken)
         parts = urllib.parse.urlsplit(url)
         host = parts.netloc.rpartition("@")[2]
         request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)))
@@ -143,25 +170,10 @@ class Download:
         except (OSError, http.client.HTTPException) as err:
             raise self._broken(_reason(err)) from None
         self.received += len(data)
-        self._pace(len(data), time.monotonic() - began)
+        self._pace.update(len(data), time.monotonic() - began)
         if n and not data and self.received < self.size:
             raise self._broken(f"{self.size:,} were announced")
         return data
-
-    def _pace(self, got: int, waited: float) -> None:
-        """Give up on a transfer slower than the limits (time spent processing is not
-        counted: only time spent waiting for the network)."""
-        lim = self.limits
-        if lim.max_time is not None and time.monotonic() - self.started > lim.max_time:
-            raise self._broken(f"it took longer than the --max-time of {lim.max_time:g} s")
-        self._waited += waited
-        self._window += got
-        if self._waited >= lim.speed_time:
-            if self._window < lim.speed_limit * self._waited:
-                raise self._broken(f"{self._window:,} bytes came in the last "
-                                   f"{self._waited:.0f} s, below the minimum of "
-                                   f"{lim.speed_limit:,} bytes/s")
-            self._waited, self._window = 0.0, 0
 
     def _broken(self, why: str) -> BadInputError:
         return BadInputError(f"{self.name}: the transfer broke off after {self.received:,} "
@@ -188,8 +200,18 @@ class FileSource:
 
 
 @contextlib.contextmanager
-def open_source(spec: str, limits: Limits = Limits()) -> Iterator[Source]:
-    """An overlay to read: a path, `-` for standard input, or an http(s) URL."""
+def open_source(spec: str, limits: Limits = Limits(), access: Access | None = None
+                ) -> Iterator[Source]:
+    """An overlay to read: a path, `-` for standard input, an http(s) URL, or an `oci://`
+    registry reference (`access`: TLS and credentials for it)."""
+    if spec.startswith("oci://"):
+        from .registry import Access
+        from .registry_overlays import open_overlay  # only for commands that meet one
+
+        with open_overlay(spec, dataclasses.replace(access or Access(), limits=limits)) \
+                as overlay:
+            yield overlay
+        return
     if spec == "-":
         yield FileSource(sys.stdin.buffer, "standard input", 0)
         return

@@ -134,8 +134,25 @@ class Client:
     async def info(self) -> dict[str, Any]:
         return await self.call("GET", "/v1/info")
 
-    async def negotiate(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.call("POST", "/v1/sessions", json=body)
+    async def negotiate(self, body: dict[str, Any],
+                        waiting: Callable[[dict[str, Any]], None] | None = None,
+                        patience: float = 1800.0) -> dict[str, Any]:
+        """A session; while the cloudlet fetches the base from its registry (202), ask
+        again after its Retry-After (`waiting` is told), for at most `patience` seconds."""
+        deadline = time.monotonic() + patience
+        while True:
+            answer = await self.call("POST", "/v1/sessions", json=body)
+            error = answer.get("error")
+            if not isinstance(error, dict) or not isinstance(error.get("fetching"), dict):
+                return answer
+            if waiting is not None:
+                waiting(error)
+            if time.monotonic() > deadline:
+                raise CloudletError(f"{self.name}: {str(error.get('message'))[:300]}, for "
+                                    f"more than {patience:g} s")
+            retry = error.get("retry_after")
+            await asyncio.sleep(min(max(float(retry), 0.5), 60.0)
+                                if isinstance(retry, (int, float)) else 5.0)
 
     async def upload(self, session: dict[str, Any], chunks: AsyncIterator[bytes],
                      size: int | None) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class ServeConfig:
     confine: bool = True  # each VM in a cgroup (needs root or a delegated cgroup)
     accel: str = "auto"
     service_id: str = ""
+    registry: tuple[str, Any] | None = None  # --registry: (oci://HOST/REPO, its Access)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class Cloudlet:
         self._synth_pool: ThreadPoolExecutor | None = None
         self._vm_pool: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.fetcher: Any = None  # --registry: fetches a base a client asks for (fetch.py)
 
     # -- life of the service ----------------------------------------------------------------
 
@@ -170,6 +172,9 @@ class Cloudlet:
                                    hint="run as root (or with a delegated cgroup), or "
                                         "pass --no-cgroups") from None
         self.offers = await asyncio.to_thread(self._load_offers)
+        if self.config.registry is not None:
+            from .fetch import Fetcher
+            self.fetcher = Fetcher(*self.config.registry, self._reload_offers)
         default = capacity.session_need(ram_bytes(self.config.memory), self.config.cpus,
                                         self.config.max_overlay)
         self.capacity = Capacity.measure(bases.cache_dir("sessions"), default,
@@ -206,8 +211,15 @@ class Cloudlet:
                 base.close()
         return offers
 
+    async def _reload_offers(self) -> None:
+        """A base was added (fetched from the registry): serve it too."""
+        self.offers = await asyncio.to_thread(self._load_offers)
+        self._changed()
+
     async def close(self) -> None:
         """End every session (VMs stopped, files scrubbed), then stop the pools."""
+        if self.fetcher is not None:
+            await self.fetcher.close()
         await asyncio.gather(*(self.end(s, "the cloudlet is shutting down")
                                for s in list(self.sessions.values())),
                              return_exceptions=True)
@@ -237,6 +249,8 @@ class Cloudlet:
         offer = next((o for o in self.offers if o.serves(n.base) and
                       o.spec == n.base.label), None) or \
             next((o for o in self.offers if o.serves(n.base)), None)
+        if offer is None and self.fetcher is not None:
+            self.fetcher.ask(n.base)  # 202 "fetching" while it comes from the registry
         if offer is None:
             have = ", ".join(o.spec for o in self.offers) or "none"
             raise Refusal(404, ExitCode.BASE_MISMATCH,
