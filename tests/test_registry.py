@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import hashlib
 import http.client
+import io
 import ipaddress
 import json
 import os
@@ -485,7 +486,7 @@ def test_a_missing_tag_another_artifact_and_no_registry(cli, h, registry, pair, 
     layer = b"not an overlay"
     for data in (config, layer):
         client.push_blob("apps/image", "sha256:" + hashlib.sha256(data).hexdigest(),
-                         len(data), lambda d=data: contextlib.nullcontext(_Bytes(d)))
+                         len(data), lambda d=data: io.BytesIO(d))
     image = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": len(config),
@@ -513,18 +514,6 @@ def test_a_missing_tag_another_artifact_and_no_registry(cli, h, registry, pair, 
     r = cli("pull", registry.ref("apps/kinds:1"), "-o", tmp_path / "x.vmo")
     assert r.code == ExitCode.REGISTRY_UNREACHABLE and "--plain-http" in r.err, r.err
 
-
-class _Bytes:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        out, self.pos = self.data[self.pos: end], min(end, len(self.data))
-        return out
-
-    def seek(self, pos: int) -> None:
-        self.pos = pos
 
 
 @pytest.mark.parametrize(("spec", "need", "ok"), [
@@ -1090,7 +1079,7 @@ def test_a_base_whose_files_are_not_its_identity_is_not_installed(h, homes, regi
     config |= {"version": "9", "digest": v2.digest}  # claims v2's contents, holds v1's disk
     raw = json.dumps(config).encode()
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
-    client.push_blob(repo, digest, len(raw), lambda: contextlib.nullcontext(_Bytes(raw)))
+    client.push_blob(repo, digest, len(raw), lambda: io.BytesIO(raw))
     manifest["config"] |= {"digest": digest, "size": len(raw)}
     manifest["annotations"] |= {"vmsynth.base.version": "9", "vmsynth.base.digest": v2.digest}
     client.put_manifest(Reference.parse(registry.ref(f"{repo}:9")),

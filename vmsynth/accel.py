@@ -8,6 +8,7 @@ version, host kernel, CPU), so only the first VM on a host pays for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -131,14 +132,12 @@ def choose(requested: str = "auto") -> Accel:
     try:
         works, why = json.loads(cache.read_text())
         if not isinstance(works, bool) or not isinstance(why, str):
-            raise ValueError("malformed accelerator cache")
+            raise TypeError("malformed accelerator cache")
     except (OSError, ValueError, TypeError):
         works, why = probe_kvm()
-        try:
+        with contextlib.suppress(Exception):  # an unwritable cache only costs a re-probe
             cache.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(cache, json.dumps([works, why]).encode())
-        except Exception:  # noqa: BLE001 (an unwritable cache only costs a re-probe)
-            pass
     if works:
         return Accel("kvm", why)
     if requested == "kvm":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -252,7 +253,7 @@ def push_base(spec: str, ref: Reference, access: Access, delta: bool = True,
             config = config_blob(base)
             config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
             client.push_blob(ref.repository, config_digest, len(config),
-                             lambda: contextlib.nullcontext(_Seekable(config)))
+                             lambda: io.BytesIO(config))
             raw = artifact_manifest(BASE, descriptor(CONFIG, config_digest, len(config)),
                                     layers, base_annotations(base.identity) |
                                     {TITLE: base.identity.label})
@@ -337,18 +338,6 @@ def _compress(path: Path, out: Path) -> tuple[str, int]:
         dst.write(data)
     return "sha256:" + sha.hexdigest(), size
 
-
-class _Seekable:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        out, self.pos = self.data[self.pos: end], min(end, len(self.data))
-        return out
-
-    def seek(self, pos: int) -> None:
-        self.pos = pos
 
 
 def _push_delta(client: Client, repository: str, base: Base, subject: dict[str, Any],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -178,20 +179,8 @@ def push_manifest(client: Client, ref: Reference, raw: bytes, media_type: str = 
 
 def push_empty_config(client: Client, repository: str) -> bool:
     return client.push_blob(repository, EMPTY_DESCRIPTOR["digest"], 2,
-                            lambda: contextlib.nullcontext(_Bytes(EMPTY_BLOB)))
+                            lambda: io.BytesIO(EMPTY_BLOB))
 
-
-class _Bytes:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        out, self.pos = self.data[self.pos: end], min(end, len(self.data))
-        return out
-
-    def seek(self, pos: int) -> None:
-        self.pos = pos
 
 
 def push_overlay(path: Path, ref: Reference, access: Access,
