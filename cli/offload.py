@@ -26,7 +26,7 @@ from vmsynth.decision import (
 from vmsynth.errors import CloudletError, ExitCode, NoCloudletError, VmsynthError, exit_code
 from vmsynth.registry import Access
 from vmsynth.service.client import Client, Trust, hold, negotiation_body, stream
-from vmsynth.service.discovery import Found, confirm, discover
+from vmsynth.service.discovery import SETTLE, Found, confirm, discover
 from vmsynth.source import Limits, open_source
 
 from . import console
@@ -55,7 +55,8 @@ Examples:
 @cloudlet_options
 @click.option("--discover-timeout", type=click.FloatRange(0.2, 60), default=2.0,
               show_default=True, metavar="SECONDS",
-              help="With --cloudlet auto: how long to listen for cloudlets.")
+              help="With --cloudlet auto: how long to listen for cloudlets at most; "
+                   "listening ends half a second after the last new one was heard.")
 @click.option("--fallback", "fallbacks", multiple=True, metavar="URL",
               help="Where to go when no cloudlet can serve (none found, none has the base, "
                    "all full, or one dies mid-session): another cloudlet or a cloud "
@@ -114,7 +115,7 @@ class Plan:
         if self.url == "auto":
             want = await asyncio.to_thread(wanted_base, self.overlay, self.access)
             began = time.monotonic()
-            found = await discover(self.discover_timeout, want)
+            found = await discover(self.discover_timeout, want, settle=SETTLE)
             _event(as_json, "discovered", {"cloudlets": [f.to_json() for f in found],
                                            "seconds": round(time.monotonic() - began, 3)})
             usable = {f.url: f for f in found if f.has_base and f.free > 0}

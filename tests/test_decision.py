@@ -4,6 +4,7 @@ battery, hysteresis), the fallback tiers, and the command's output and errors.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import replace
@@ -505,3 +506,34 @@ def test_decide_help_has_examples(cli):
     examples = r.out[r.out.index("Examples"):]
     assert sum(line.strip().startswith("vmsynth decide") for line in examples.splitlines()) >= 3
     assert "decide" in cli("--help").out
+
+
+# -- how long `offload --cloudlet auto` listens before it decides -----------------------------
+
+def _listened(settle: float | None, answers_at: list[float], window: float) -> float:
+    """Seconds `_listen` took with answers arriving at `answers_at` (seconds from the start)."""
+    from vmsynth.service.discovery import _listen
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        heard = asyncio.Event()
+        for at in answers_at:
+            loop.call_later(at, heard.set)
+        began = loop.time()
+        await asyncio.wait_for(_listen(heard, began + window, settle), window + 30)
+        return loop.time() - began
+
+    return asyncio.run(scenario())
+
+
+def test_listening_without_settle_lasts_the_whole_window():
+    assert _listened(None, [0.05, 0.1], window=0.6) >= 0.6
+
+
+def test_listening_with_settle_ends_after_the_last_answer_goes_quiet():
+    took = _listened(0.2, [0.05, 0.15], window=10)
+    assert 0.35 <= took < 10  # the second answer restarted the quiet time; no window wait
+
+
+def test_listening_with_settle_but_no_answer_lasts_the_whole_window():
+    assert _listened(0.1, [], window=0.5) >= 0.5

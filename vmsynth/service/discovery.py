@@ -34,6 +34,9 @@ SERVICE = "_cloudlet._tcp.local."
 UPDATE_EVERY = 3.0  # seconds between two TXT updates at most
 CONFIRM_TIMEOUT = 2.0
 PINGS = 3  # round trips timed per cloudlet: the shortest is its RTT
+# Responders answer a query within 20-120 ms (RFC 6762, 6.): a half second without a new
+# cloudlet after the first means the others would have spoken by now.
+SETTLE = 0.5
 
 log = logging.getLogger("vmsynth.service")
 
@@ -148,19 +151,23 @@ class Found:
                 "service_id": self.info.get("service_id"), "advertised": self.txt}
 
 
-async def browse(timeout: float) -> list[Found]:
-    """Every `_cloudlet._tcp` answer heard within `timeout` seconds (not yet confirmed)."""
+async def browse(timeout: float, settle: float | None = None) -> list[Found]:
+    """Every `_cloudlet._tcp` answer heard within `timeout` seconds (not yet confirmed); with
+    `settle`, listening ends sooner: that long after the last new cloudlet was heard."""
     zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
     names: list[str] = []
+    loop = asyncio.get_running_loop()
+    heard = asyncio.Event()
 
     def on_change(zeroconf: Zeroconf, service_type: str, name: str,
                   state_change: ServiceStateChange) -> None:
         if state_change is ServiceStateChange.Added and name not in names:
             names.append(name)
+            loop.call_soon_threadsafe(heard.set)
 
     browser = AsyncServiceBrowser(zc.zeroconf, [SERVICE], handlers=[on_change])
     try:
-        await asyncio.sleep(timeout)
+        await _listen(heard, loop.time() + timeout, settle)
         infos = [AsyncServiceInfo(SERVICE, name) for name in names]
         await asyncio.gather(*(i.async_request(zc.zeroconf, 1000) for i in infos))
     finally:
@@ -177,6 +184,23 @@ async def browse(timeout: float) -> list[Found]:
         found.append(Found(info.name.removesuffix("." + SERVICE), f"{scheme}://{addresses[0]}:"
                            f"{info.port}", txt.get("fp") or None, txt))
     return found
+
+
+async def _listen(heard: asyncio.Event, deadline: float, settle: float | None) -> None:
+    """Until `deadline`, or `settle` seconds pass with nothing new once something was heard."""
+    loop = asyncio.get_running_loop()
+    quiet_from = None
+    while (left := deadline - loop.time()) > 0:
+        wait = left if quiet_from is None else min(left, quiet_from + settle - loop.time())
+        try:
+            await asyncio.wait_for(heard.wait(), max(wait, 0))
+        except TimeoutError:
+            if quiet_from is not None:
+                return
+            continue
+        heard.clear()
+        if settle is not None:
+            quiet_from = loop.time()
 
 
 async def confirm(found: Found, want: WantedBase | None, ssl: Any = True) -> Found | None:
@@ -206,8 +230,9 @@ async def confirm(found: Found, want: WantedBase | None, ssl: Any = True) -> Fou
     return found
 
 
-async def discover(timeout: float = 2.0, want: WantedBase | None = None) -> list[Found]:
-    """Cloudlets nearby that answer, best first."""
-    heard = await browse(timeout)
+async def discover(timeout: float = 2.0, want: WantedBase | None = None,
+                   settle: float | None = None) -> list[Found]:
+    """Cloudlets nearby that answer, best first (`settle`: see `browse`)."""
+    heard = await browse(timeout, settle)
     confirmed = await asyncio.gather(*(confirm(f, want) for f in heard))
     return sorted((f for f in confirmed if f is not None), key=Found.rank)
